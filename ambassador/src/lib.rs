@@ -1,1 +1,25 @@
+//! ambassador: a TCP forwarder for the Docker ambassador pattern.
+//!
+//! It reads the same link variables as the classic `svendowideit/ambassador`
+//! (`DB_PORT_6379_TCP=tcp://10.0.0.2:6379`), serves every forward from one
+//! process, and moves the bytes with the best engine the host allows: in the
+//! kernel with an eBPF sockmap program, with io_uring, or with epoll.
+//!
+//! # Layout
+//! - [`config`]: the types (forwards, settings); `config::env` reads link
+//!   variables, `config::parse` reads flag values.
+//! - [`cli`]: the command line and how it becomes [`config::Settings`].
+//! - [`server`]: listeners, accept loops, connecting upstream, signals, drain.
+//! - [`engine`]: the contract every engine implements and the start-up choice;
+//!   one module per engine (`engine::sockmap`, `engine::uring`, `engine::epoll`).
+//! - [`bpf`]: loading the eBPF program and talking to its maps.
+//! - [`metrics`]: per-forward counters.
+//! - [`caps`]: dropping capabilities after start-up.
 
+pub mod bpf;
+pub mod caps;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod server;

@@ -1,0 +1,123 @@
+//! What the ambassador is asked to do, as plain types.
+//!
+//! A [`Forward`] is one listening address and the target it forwards to, with
+//! the name of whatever configured it (a link variable, a `--forward` flag, or
+//! the positional `HOST PORT` arguments) so that every log line and error can
+//! point back at the user's own words. [`Settings`] holds the forwards and the
+//! per-connection knobs shared by every engine.
+//!
+//! Parsing lives apart from these types: `config/env.rs` reads Docker link
+//! variables, `config/parse.rs` reads flag values, and `cli.rs` ties them to
+//! the command line.
+
+pub mod env;
+pub mod parse;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// Where a forward connects to. A hostname is kept as a name and resolved
+/// again for every connection, so a moved DNS name needs no restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// The upstream of a forward: host and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub host: Host,
+    pub port: u16,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            Host::Name(n) => write!(f, "{n}:{}", self.port),
+        }
+    }
+}
+
+/// Transport protocol of a forward. Only TCP is served today; UDP link
+/// variables are reported as skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("tcp")
+    }
+}
+
+/// One listener and its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// What configured it: `DB_PORT_6379_TCP`, `--forward 7000=db:6379`, `HOST PORT`.
+    pub source: String,
+    pub listen: SocketAddr,
+    pub target: Target,
+    pub proto: Proto,
+}
+
+/// Which data path moves the bytes. See `engine.rs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The best engine that works here: sockmap, then uring, then epoll.
+    Auto,
+    /// In-kernel splicing with an eBPF sockmap program.
+    Sockmap,
+    /// An io_uring copy loop.
+    Uring,
+    /// A tokio (epoll) copy loop.
+    Epoll,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::Sockmap => "sockmap",
+            Mode::Uring => "uring",
+            Mode::Epoll => "epoll",
+        })
+    }
+}
+
+/// Which connections the sockmap engine hands to the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplicePolicy {
+    /// Every connection is spliced in the kernel.
+    Always,
+    /// No connection is spliced (userspace copy, sockmap loaded but unused).
+    Never,
+    /// Splice the connections it pays off for (see the sockmap engine).
+    Adaptive,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything the server and the engines need, after parsing.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub forwards: Vec<Forward>,
+    pub mode: Mode,
+    pub splice: SplicePolicy,
+    /// Set TCP_NODELAY on both sockets of every connection.
+    pub nodelay: bool,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    /// Connections at once per forward; 0 = unlimited.
+    pub max_conns: usize,
+    pub drain_timeout: Duration,
+}

@@ -1,0 +1,173 @@
+//! The engines: three ways to move a connection's bytes, behind one contract.
+//!
+//! The server (`server.rs`) does everything that is the same for every
+//! engine: it binds the listeners, accepts, connects upstream (with the
+//! timeout, TCP_NODELAY, the per-forward connection cap) and drains on
+//! SIGTERM. It then hands the two connected sockets to the engine as a
+//! [`Conn`], and the engine moves bytes both ways until both sides are done:
+//!
+//! - [`sockmap`]: both sockets go into an eBPF SOCKHASH and the kernel
+//!   redirects every segment to the peer socket; userspace only watches for
+//!   FIN and errors.
+//! - [`uring`]: a copy loop on io_uring (one submission per read or write,
+//!   no readiness wake-up).
+//! - [`epoll`]: a copy loop on tokio (readiness via epoll).
+//!
+//! Every engine honours the same per-connection contract: half-close is
+//! propagated (a FIN reaches the other side after every byte before it, and
+//! the other direction keeps flowing), a reset on one side resets the other,
+//! `--idle-timeout` closes a silent connection, and the counters in
+//! [`ForwardStats`] are kept up to date.
+//!
+//! [`select`] picks the engine for `--mode`: `auto` takes the best one that
+//! starts here and logs, for each engine it skipped, the exact reason
+//! (syscall and errno). An explicitly requested engine that cannot start is
+//! an error, never a silent fallback.
+
+pub mod epoll;
+pub mod sockmap;
+pub mod uring;
+
+use crate::config::{Mode, Settings};
+use crate::metrics::ForwardStats;
+use std::cell::Cell;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One proxied connection, ready for an engine: the accepted client socket
+/// and the connected upstream socket (both non-blocking), with what the
+/// engine needs to log and count.
+pub struct Conn {
+    /// Process-unique connection number, for logs.
+    pub id: u64,
+    /// The forward's source (variable or flag), for logs.
+    pub forward: Rc<str>,
+    pub client: TcpStream,
+    pub upstream: TcpStream,
+    pub client_addr: SocketAddr,
+    pub upstream_addr: SocketAddr,
+    pub stats: Arc<ForwardStats>,
+    pub settings: Rc<Settings>,
+}
+
+/// The engine chosen at start-up.
+pub enum Engine {
+    Sockmap(Rc<sockmap::Sockmap>),
+    Uring,
+    Epoll,
+}
+
+impl Engine {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Sockmap(_) => "sockmap",
+            Engine::Uring => "uring",
+            Engine::Epoll => "epoll",
+        }
+    }
+
+    /// Bring the counters up to date before they are logged (the sockmap
+    /// engine reads the kernel's per-connection counters here).
+    pub fn refresh_stats(&self) {
+        if let Engine::Sockmap(s) = self {
+            s.refresh_stats();
+        }
+    }
+
+    /// Move bytes both ways until both directions are closed.
+    pub async fn relay(&self, conn: Conn) -> io::Result<()> {
+        match self {
+            Engine::Sockmap(s) => sockmap::relay(s, conn).await,
+            Engine::Uring => uring::relay(conn).await,
+            Engine::Epoll => epoll::relay(conn).await,
+        }
+    }
+}
+
+/// The engine for `settings.mode`. `auto` tries sockmap, uring, epoll in that
+/// order and logs why each skipped engine could not start; an explicit mode
+/// returns its reason as the error.
+pub fn select(settings: &Settings) -> Result<Engine, String> {
+    let mode = settings.mode;
+    let try_sockmap = || sockmap::Sockmap::start(settings).map(|s| Engine::Sockmap(Rc::new(s)));
+    let try_uring = || uring::probe().map(|()| Engine::Uring);
+    let engine = match mode {
+        Mode::Sockmap => try_sockmap().map_err(|r| format!("--mode sockmap: {r}"))?,
+        Mode::Uring => try_uring().map_err(|r| format!("--mode uring: {r}"))?,
+        Mode::Epoll => Engine::Epoll,
+        Mode::Auto => {
+            let mut chosen = None;
+            for (name, attempt) in [
+                ("sockmap", &try_sockmap as &dyn Fn() -> Result<Engine, String>),
+                ("uring", &try_uring),
+            ] {
+                match attempt() {
+                    Ok(e) => {
+                        chosen = Some(e);
+                        break;
+                    }
+                    Err(reason) => tracing::warn!(engine = %name, %reason, "engine skipped"),
+                }
+            }
+            chosen.unwrap_or(Engine::Epoll)
+        }
+    };
+    tracing::info!(engine = %engine.name(), mode = %mode, "engine chosen");
+    Ok(engine)
+}
+
+/// When a connection last moved a byte, for `--idle-timeout`. Both
+/// directions of a connection touch it; one watchdog reads it.
+#[derive(Clone)]
+pub struct Activity(Rc<Cell<Instant>>);
+
+impl Activity {
+    pub fn new() -> Self {
+        Activity(Rc::new(Cell::new(Instant::now())))
+    }
+
+    pub fn touch(&self) {
+        self.0.set(Instant::now());
+    }
+
+    /// Resolves once nothing has moved for `idle` (never, if `None`).
+    pub async fn idle(&self, idle: Option<Duration>) {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let deadline = self.0.get() + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Make `close()` send RST instead of FIN (SO_LINGER {on, 0}): how a reset
+/// on one side is passed on to the other.
+pub fn set_reset_on_close(s: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// Did the peer reset (or otherwise kill) the connection, as opposed to a
+/// local problem?
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+    )
+}

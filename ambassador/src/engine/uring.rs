@@ -1,0 +1,124 @@
+//! The io_uring engine: a copy loop where every read and write is one
+//! io_uring submission (tokio-uring), so a direction costs no readiness
+//! wake-up and no extra system call per chunk.
+//!
+//! The shape is the epoll engine's: each direction reads into its buffer,
+//! writes all of it to the other socket, passes EOF on as
+//! `shutdown(SHUT_WR)`, and any error resets both sockets. Two things are
+//! specific to io_uring:
+//!
+//! - The kernel owns a read's buffer while the read is pending, even when
+//!   the connection is idle. Each direction therefore starts with a small
+//!   buffer and doubles it (up to 256 KiB) only while reads fill it, so
+//!   idle connections stay cheap.
+//! - Dropping a pending read does not cancel it, and the socket is closed
+//!   only when it completes. To end a connection early (error or idle
+//!   timeout) we `shutdown(SHUT_RD)` both sockets first, which completes
+//!   any pending read at once; with SO_LINGER 0 the close then sends RST.
+//!
+//! Docker's default seccomp profile (since 25.0) blocks io_uring, so
+//! [`probe`] checks `io_uring_setup` at start-up and reports the errno.
+
+use super::{Activity, Conn, set_reset_on_close};
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::AtomicU64;
+use tokio_uring::net::TcpStream;
+
+const BUF_START: usize = 4 * 1024;
+const BUF_MAX: usize = 256 * 1024;
+
+/// Can this process use io_uring? The error names the syscall, the errno
+/// and the most likely cause.
+pub fn probe() -> Result<(), String> {
+    match io_uring::IoUring::new(8) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0));
+            let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .unwrap_or(0);
+            let why = match errno {
+                nix::errno::Errno::ENOSYS => "kernel built without io_uring".to_string(),
+                nix::errno::Errno::EPERM if disabled > 0 => {
+                    format!("disabled by sysctl kernel.io_uring_disabled={disabled}")
+                }
+                nix::errno::Errno::EPERM => {
+                    "blocked by a seccomp filter (Docker's default profile blocks io_uring since 25.0)"
+                        .to_string()
+                }
+                nix::errno::Errno::ENOMEM => "cannot lock ring memory (RLIMIT_MEMLOCK)".to_string(),
+                other => other.desc().to_string(),
+            };
+            Err(format!("io_uring_setup: {errno:?} — {why}"))
+        }
+    }
+}
+
+/// Move bytes both ways until both directions have seen EOF, an error, or
+/// the idle timeout.
+pub async fn relay(conn: Conn) -> io::Result<()> {
+    let fds = [conn.client.as_raw_fd(), conn.upstream.as_raw_fd()];
+    let client = TcpStream::from_std(conn.client);
+    let upstream = TcpStream::from_std(conn.upstream);
+    // Ends the connection early. Both streams are alive for the whole of
+    // `relay`, so `fds` are open whenever this runs.
+    let abort = |reset: bool| {
+        for fd in fds {
+            // Safety: see above; the borrow does not outlive this loop.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            if reset {
+                set_reset_on_close(&fd);
+            }
+            // Completes any pending read at once, so the socket can close.
+            let _ = socket2::SockRef::from(&fd).shutdown(Shutdown::Both);
+        }
+    };
+    let activity = Activity::new();
+    let stats = &conn.stats;
+
+    let client_to_server = copy(&client, &upstream, &stats.bytes_to_upstream, &activity);
+    let server_to_client = copy(&upstream, &client, &stats.bytes_to_client, &activity);
+    let result = tokio::select! {
+        r = async { tokio::try_join!(client_to_server, server_to_client) } => r.map(|_| ()),
+        () = activity.idle(conn.settings.idle_timeout) => {
+            tracing::debug!(id = conn.id, client = %conn.client_addr, "idle timeout");
+            abort(false);
+            return Ok(());
+        }
+    };
+    if result.is_err() {
+        abort(true);
+    }
+    result
+}
+
+/// One direction: `src` → `dst` until EOF, then half-close `dst`.
+async fn copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    activity: &Activity,
+) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(BUF_START);
+    loop {
+        buf.clear();
+        let (res, b) = src.read(buf).await;
+        buf = b;
+        let n = res?;
+        if n == 0 {
+            let _ = dst.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        activity.touch();
+        let (res, b) = dst.write_all(buf).await;
+        buf = b;
+        res?;
+        crate::metrics::ForwardStats::add(counter, n as u64);
+        if n == buf.capacity() && buf.capacity() < BUF_MAX {
+            buf = Vec::with_capacity(buf.capacity() * 2);
+        }
+    }
+}

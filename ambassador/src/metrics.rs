@@ -1,0 +1,73 @@
+//! Per-forward counters, kept in memory and logged on SIGUSR1 and at exit.
+//!
+//! Every engine adds to the same [`ForwardStats`], so the numbers compare
+//! across engines. The sockmap engine also reports what the kernel moved
+//! (`spliced_*`, read from the BPF program's per-connection counters) apart
+//! from what userspace copied (`bytes_*`), which is the proof of splicing:
+//! for a spliced connection `bytes_*` stays at the pre-insert bytes only.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Counters of one forward. All monotonic except `conns_active`.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    pub conns_total: AtomicU64,
+    pub conns_active: AtomicU64,
+    /// Bytes copied by userspace, client → upstream.
+    pub bytes_to_upstream: AtomicU64,
+    /// Bytes copied by userspace, upstream → client.
+    pub bytes_to_client: AtomicU64,
+    /// Connections that ended in an error (refused, reset, timeout, ...).
+    pub errors: AtomicU64,
+    /// Bytes the kernel redirected, client → upstream (sockmap engine).
+    pub spliced_to_upstream: AtomicU64,
+    /// Bytes the kernel redirected, upstream → client (sockmap engine).
+    pub spliced_to_client: AtomicU64,
+    /// Bytes that arrived before a socket entered the map and were copied
+    /// by userspace (sockmap engine).
+    pub preinsert_bytes: AtomicU64,
+    /// Connections the sockmap engine handed to the userspace path instead
+    /// (map full, insert refused, policy).
+    pub splice_fallbacks: AtomicU64,
+}
+
+impl ForwardStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    /// Log the counters as one `stats forward=… key=value …` line.
+    pub fn log(&self, source: &str) {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        tracing::info!(
+            forward = %source,
+            conns_total = g(&self.conns_total),
+            conns_active = g(&self.conns_active),
+            bytes_to_upstream = g(&self.bytes_to_upstream),
+            bytes_to_client = g(&self.bytes_to_client),
+            errors = g(&self.errors),
+            spliced_to_upstream = g(&self.spliced_to_upstream),
+            spliced_to_client = g(&self.spliced_to_client),
+            preinsert_bytes = g(&self.preinsert_bytes),
+            splice_fallbacks = g(&self.splice_fallbacks),
+            "stats"
+        );
+    }
+}
+
+/// Marks a connection active for as long as it lives.
+pub struct ActiveGuard<'a>(&'a ForwardStats);
+
+impl<'a> ActiveGuard<'a> {
+    pub fn new(stats: &'a ForwardStats) -> Self {
+        stats.conns_total.fetch_add(1, Relaxed);
+        stats.conns_active.fetch_add(1, Relaxed);
+        ActiveGuard(stats)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.conns_active.fetch_sub(1, Relaxed);
+    }
+}

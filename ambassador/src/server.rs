@@ -1,0 +1,301 @@
+//! The part of a proxy that is the same for every engine: listeners, the
+//! accept loops, connecting upstream, signals and the drain on shutdown.
+//!
+//! Start-up is all or nothing: every listener is bound before the first
+//! connection is accepted, and if one cannot be bound the process exits
+//! naming it. Then one accept loop per forward runs on a single-threaded
+//! runtime (tokio, or tokio-uring for the uring engine):
+//!
+//! 1. take a slot from the forward's `--max-conns` semaphore (when the
+//!    forward is full we stop calling accept, so new clients wait in the
+//!    kernel's backlog instead of being accepted and reset);
+//! 2. accept, then connect to the target (a hostname is resolved again for
+//!    every connection) within `--connect-timeout`; if the upstream refuses
+//!    or is unreachable the client is closed at once and one warning names
+//!    both addresses;
+//! 3. set TCP_NODELAY on both sockets and hand them to the engine.
+//!
+//! SIGTERM or SIGINT stops the accept loops, lets live connections finish
+//! for up to `--drain-timeout`, logs the counters and returns. SIGUSR1 logs
+//! the counters.
+
+use crate::config::{Forward, Host, Settings};
+use crate::engine::{Conn, Engine};
+use crate::metrics::{ActiveGuard, ForwardStats};
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Semaphore, watch};
+
+/// A start-up failure: printed, exit code 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{source_name}: cannot listen on {addr}: {err}")]
+    Bind {
+        source_name: String,
+        addr: SocketAddr,
+        err: io::Error,
+    },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(io::Error),
+}
+
+/// Bind every forward's listener, or fail naming the first that cannot be.
+pub fn bind_all(settings: &Settings) -> Result<Vec<std::net::TcpListener>, StartError> {
+    settings
+        .forwards
+        .iter()
+        .map(|f| {
+            bind(f.listen).map_err(|err| StartError::Bind {
+                source_name: f.source.clone(),
+                addr: f.listen,
+                err,
+            })
+        })
+        .collect()
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // [::]:n and 0.0.0.0:n are separate forwards, as they are in the config.
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Serve until SIGTERM/SIGINT and the drain. Runs on the calling thread.
+pub fn run(
+    settings: Settings,
+    engine: Engine,
+    listeners: Vec<std::net::TcpListener>,
+) -> Result<(), StartError> {
+    let settings = Rc::new(settings);
+    let uring = matches!(engine, Engine::Uring);
+    let serve = serve(settings, Rc::new(engine), listeners);
+    if uring {
+        let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).map_err(StartError::Runtime)?;
+        rt.block_on(serve)
+    } else {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, serve)
+    }
+}
+
+async fn serve(
+    settings: Rc<Settings>,
+    engine: Rc<Engine>,
+    listeners: Vec<std::net::TcpListener>,
+) -> Result<(), StartError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ids = Rc::new(Cell::new(0u64));
+    let mut all_stats = Vec::new();
+    for (forward, listener) in settings.forwards.iter().zip(listeners) {
+        let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
+        let stats = Arc::new(ForwardStats::default());
+        all_stats.push((forward.source.clone(), stats.clone()));
+        tracing::info!(
+            forward = %forward.source,
+            listen = %forward.listen,
+            target = %forward.target,
+            "listening"
+        );
+        tokio::task::spawn_local(accept_loop(
+            listener,
+            forward.clone(),
+            stats,
+            settings.clone(),
+            engine.clone(),
+            ids.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    crate::caps::drop_all();
+    tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
+
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(StartError::Runtime)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr1.recv() => {
+                engine.refresh_stats();
+                log_stats(&all_stats);
+            }
+        }
+    }
+
+    // Drain: stop accepting, wait for the live connections to finish.
+    let _ = stop_tx.send(true);
+    let active = || all_stats.iter().map(|(_, s)| s.conns_active.load(Relaxed)).sum::<u64>();
+    tracing::info!(active = active(), drain_timeout = ?settings.drain_timeout, "draining");
+    let drained = tokio::time::timeout(settings.drain_timeout, async {
+        while active() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(active = active(), "drain timeout: closing live connections");
+    }
+    engine.refresh_stats();
+    log_stats(&all_stats);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn log_stats(all: &[(String, Arc<ForwardStats>)]) {
+    for (source, s) in all {
+        s.log(source);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    forward: Forward,
+    stats: Arc<ForwardStats>,
+    settings: Rc<Settings>,
+    engine: Rc<Engine>,
+    ids: Rc<Cell<u64>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = (settings.max_conns > 0).then(|| Arc::new(Semaphore::new(settings.max_conns)));
+    let source: Rc<str> = forward.source.as_str().into();
+    let forward = Rc::new(forward);
+    loop {
+        // Wait for a free slot before accepting: a full forward leaves new
+        // clients in the kernel's backlog.
+        let permit = match &slots {
+            Some(s) => tokio::select! {
+                p = s.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
+                _ = stop.changed() => break,
+            },
+            None => None,
+        };
+        let (client, client_addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE, ENOBUFS, ...: back off instead of spinning.
+                    tracing::warn!(forward = %source, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let id = ids.get() + 1;
+        ids.set(id);
+        let (stats, settings, engine, forward, source) = (
+            stats.clone(),
+            settings.clone(),
+            engine.clone(),
+            forward.clone(),
+            source.clone(),
+        );
+        tokio::task::spawn_local(async move {
+            let _permit = permit;
+            let _active = ActiveGuard::new(&stats);
+            handle(id, client, client_addr, &forward, source, stats.clone(), settings, &engine)
+                .await;
+        });
+    }
+    tracing::debug!(forward = %source, "stopped accepting");
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle(
+    id: u64,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    forward: &Forward,
+    source: Rc<str>,
+    stats: Arc<ForwardStats>,
+    settings: Rc<Settings>,
+    engine: &Engine,
+) {
+    let target = &forward.target;
+    let upstream =
+        match tokio::time::timeout(settings.connect_timeout, connect(&forward.target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                ForwardStats::add(&stats.errors, 1);
+                tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, error = %e, "upstream connect failed");
+                return;
+            }
+            Err(_) => {
+                ForwardStats::add(&stats.errors, 1);
+                tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, timeout = ?settings.connect_timeout, "upstream connect timed out");
+                return;
+            }
+        };
+    let upstream_addr = upstream.peer_addr().unwrap_or(forward.listen);
+    if settings.nodelay {
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+    }
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(id, error = %e, "cannot take sockets from the reactor");
+            return;
+        }
+    };
+    tracing::debug!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, "connection open");
+    let conn = Conn {
+        id,
+        forward: source.clone(),
+        client,
+        upstream,
+        client_addr,
+        upstream_addr,
+        stats: stats.clone(),
+        settings,
+    };
+    match engine.relay(conn).await {
+        Ok(()) => {
+            tracing::debug!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, "connection closed")
+        }
+        Err(e) => {
+            ForwardStats::add(&stats.errors, 1);
+            tracing::warn!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, error = %e, "connection error");
+        }
+    }
+}
+
+/// Connect to the target, resolving a hostname now (so a moved name needs
+/// no restart) and trying each address in turn.
+async fn connect(target: &crate::config::Target) -> io::Result<TcpStream> {
+    let addrs: Vec<SocketAddr> = match &target.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("resolving {name}: {e}")))?
+            .collect(),
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
+        }
+    }
+    Err(last)
+}

@@ -1,1 +1,99 @@
+//! `--mode auto` takes the best engine that starts and says why it skipped
+//! the others; an explicitly requested engine that cannot start is an
+//! error. The restrictions apply to the child process only: a seccomp filter
+//! that makes io_uring_setup fail with EPERM (as Docker's default profile
+//! does) and an empty capability set (as an unprivileged container has).
 
+mod support;
+
+use std::process::Command;
+use support::*;
+
+fn start(mode: &str, drop_caps: bool, deny_io_uring: bool) -> Result<Proxy, (Option<i32>, String)> {
+    let echo = echo_server();
+    let port = free_port();
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear().args([
+        "--mode",
+        mode,
+        "--forward",
+        &format!("127.0.0.1:{port}=127.0.0.1:{echo}"),
+    ]);
+    restrict(&mut cmd, drop_caps, deny_io_uring);
+    Proxy::spawn(cmd, port)
+}
+
+fn line_with<'a>(log: &'a str, needle: &str) -> &'a str {
+    log.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in:\n{log}"))
+}
+
+/// Round trip through a running proxy, so "chosen" also means "works".
+fn ping(p: &Proxy) {
+    use std::io::{Read, Write};
+    let mut c = p.connect();
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+}
+
+#[test]
+fn auto_prefers_sockmap_with_privileges() {
+    let p = start("auto", false, false).expect("starts");
+    assert!(
+        p.log().contains("engine chosen engine=sockmap mode=auto"),
+        "{}",
+        p.log()
+    );
+    assert!(!p.log().contains("engine skipped"), "{}", p.log());
+    ping(&p);
+}
+
+#[test]
+fn auto_without_capabilities_picks_uring_and_says_why() {
+    let p = start("auto", true, false).expect("starts");
+    let log = p.log();
+    let skipped = line_with(&log, "engine skipped engine=sockmap");
+    assert!(skipped.contains("EPERM"), "{skipped}");
+    assert!(skipped.contains("CAP_BPF"), "{skipped}");
+    assert!(
+        log.contains("engine chosen engine=uring mode=auto"),
+        "{log}"
+    );
+    ping(&p);
+}
+
+#[test]
+fn auto_with_io_uring_blocked_picks_epoll_and_says_why() {
+    let p = start("auto", true, true).expect("starts");
+    let log = p.log();
+    let skipped = line_with(&log, "engine skipped engine=uring");
+    assert!(skipped.contains("io_uring_setup: EPERM"), "{skipped}");
+    assert!(skipped.contains("seccomp"), "{skipped}");
+    assert!(log.contains("engine skipped engine=sockmap"), "{log}");
+    assert!(
+        log.contains("engine chosen engine=epoll mode=auto"),
+        "{log}"
+    );
+    ping(&p);
+}
+
+#[test]
+fn uring_requested_but_blocked_is_an_error() {
+    let (code, log) = start("uring", false, true).err().expect("must not start");
+    assert_eq!(code, Some(1), "{log}");
+    let line = line_with(&log, "--mode uring:");
+    assert!(line.contains("io_uring_setup: EPERM"), "{line}");
+    assert!(!log.contains("engine chosen"), "no silent fallback: {log}");
+}
+
+#[test]
+fn sockmap_requested_without_capabilities_is_an_error() {
+    let (code, log) = start("sockmap", true, false).err().expect("must not start");
+    assert_eq!(code, Some(1), "{log}");
+    let line = line_with(&log, "--mode sockmap:");
+    assert!(line.contains("EPERM"), "{line}");
+    assert!(!log.contains("engine chosen"), "no silent fallback: {log}");
+}

@@ -61,6 +61,10 @@ pub fn probe() -> Result<(), String> {
 /// the idle timeout.
 pub async fn relay(conn: Conn) -> io::Result<()> {
     let fds = [conn.client.as_raw_fd(), conn.upstream.as_raw_fd()];
+    // On an O_NONBLOCK socket io_uring returns EAGAIN to us instead of
+    // waiting for readiness itself.
+    conn.client.set_nonblocking(false)?;
+    conn.upstream.set_nonblocking(false)?;
     let client = TcpStream::from_std(conn.client);
     let upstream = TcpStream::from_std(conn.upstream);
     // Ends the connection early. Both streams are alive for the whole of
@@ -73,7 +77,7 @@ pub async fn relay(conn: Conn) -> io::Result<()> {
                 set_reset_on_close(&fd);
             }
             // Completes any pending read at once, so the socket can close.
-            let _ = socket2::SockRef::from(&fd).shutdown(Shutdown::Both);
+            let _ = socket2::SockRef::from(&fd).shutdown(Shutdown::Read);
         }
     };
     let activity = Activity::new();

@@ -101,7 +101,10 @@ pub fn select(settings: &Settings) -> Result<Engine, String> {
         Mode::Auto => {
             let mut chosen = None;
             for (name, attempt) in [
-                ("sockmap", &try_sockmap as &dyn Fn() -> Result<Engine, String>),
+                (
+                    "sockmap",
+                    &try_sockmap as &dyn Fn() -> Result<Engine, String>,
+                ),
                 ("uring", &try_uring),
             ] {
                 match attempt() {

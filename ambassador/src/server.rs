@@ -144,7 +144,12 @@ async fn serve(
 
     // Drain: stop accepting, wait for the live connections to finish.
     let _ = stop_tx.send(true);
-    let active = || all_stats.iter().map(|(_, s)| s.conns_active.load(Relaxed)).sum::<u64>();
+    let active = || {
+        all_stats
+            .iter()
+            .map(|(_, s)| s.conns_active.load(Relaxed))
+            .sum::<u64>()
+    };
     tracing::info!(active = active(), drain_timeout = ?settings.drain_timeout, "draining");
     let drained = tokio::time::timeout(settings.drain_timeout, async {
         while active() > 0 {
@@ -213,8 +218,17 @@ async fn accept_loop(
         tokio::task::spawn_local(async move {
             let _permit = permit;
             let _active = ActiveGuard::new(&stats);
-            handle(id, client, client_addr, &forward, source, stats.clone(), settings, &engine)
-                .await;
+            handle(
+                id,
+                client,
+                client_addr,
+                &forward,
+                source,
+                stats.clone(),
+                settings,
+                &engine,
+            )
+            .await;
         });
     }
     tracing::debug!(forward = %source, "stopped accepting");
@@ -232,20 +246,21 @@ async fn handle(
     engine: &Engine,
 ) {
     let target = &forward.target;
-    let upstream =
-        match tokio::time::timeout(settings.connect_timeout, connect(&forward.target)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                ForwardStats::add(&stats.errors, 1);
-                tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, error = %e, "upstream connect failed");
-                return;
-            }
-            Err(_) => {
-                ForwardStats::add(&stats.errors, 1);
-                tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, timeout = ?settings.connect_timeout, "upstream connect timed out");
-                return;
-            }
-        };
+    let upstream = match tokio::time::timeout(settings.connect_timeout, connect(&forward.target))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            ForwardStats::add(&stats.errors, 1);
+            tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, error = %e, "upstream connect failed");
+            return;
+        }
+        Err(_) => {
+            ForwardStats::add(&stats.errors, 1);
+            tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, timeout = ?settings.connect_timeout, "upstream connect timed out");
+            return;
+        }
+    };
     let upstream_addr = upstream.peer_addr().unwrap_or(forward.listen);
     if settings.nodelay {
         let _ = client.set_nodelay(true);

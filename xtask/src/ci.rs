@@ -28,13 +28,24 @@ pub const TEST_PACKAGES: &[&str] = &[
 pub fn run_ci(a: Args) -> Result<()> {
     let root = root();
     apt_install(TEST_PACKAGES)?;
-    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--", "--check"]))?;
     run(Command::new("cargo")
         .current_dir(&root)
-        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["test", "--release", "--workspace", "--", "--test-threads=1"]))?;
+        .args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "--release",
+        "--workspace",
+        "--",
+        "--test-threads=1",
+    ]))?;
     let _ = a;
     Ok(())
 }

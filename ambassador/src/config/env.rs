@@ -34,7 +34,8 @@ pub struct Scan {
 }
 
 /// What the error says was looked for when nothing was found.
-pub const LOOKED_FOR: &str = "<ALIAS>_PORT_<n>_TCP=tcp://<host>:<port> variables (as set by `docker run --link`)";
+pub const LOOKED_FOR: &str =
+    "<ALIAS>_PORT_<n>_TCP=tcp://<host>:<port> variables (as set by `docker run --link`)";
 
 /// `ALIAS_PORT_<n>_<PROTO>` → (alias, n, proto), or None for any other name.
 fn split_name(name: &str) -> Option<(&str, &str, &str)> {
@@ -73,9 +74,9 @@ pub fn scan(vars: impl IntoIterator<Item = (String, String)>) -> Result<Scan, St
             continue;
         }
         let listen_port = parse::port(n).map_err(|e| format!("{name}: {e}"))?;
-        let addr = value.strip_prefix("tcp://").ok_or_else(|| {
-            format!("{name}: value {value:?} is not tcp://HOST:PORT")
-        })?;
+        let addr = value
+            .strip_prefix("tcp://")
+            .ok_or_else(|| format!("{name}: value {value:?} is not tcp://HOST:PORT"))?;
         let target = parse::target(addr).map_err(|e| format!("{name}: {e}"))?;
         out.forwards.push(Forward {
             source: name,
@@ -92,7 +93,9 @@ mod tests {
     use super::*;
 
     fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]

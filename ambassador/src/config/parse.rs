@@ -35,7 +35,9 @@ fn split_host_port(s: &str) -> Result<(&str, &str), String> {
         .rsplit_once(':')
         .ok_or_else(|| format!("{s:?}: expected HOST:PORT"))?;
     if host.contains(':') {
-        return Err(format!("{s:?}: IPv6 addresses must be in brackets, like [::1]:6379"));
+        return Err(format!(
+            "{s:?}: IPv6 addresses must be in brackets, like [::1]:6379"
+        ));
     }
     Ok((host, port))
 }
@@ -120,7 +122,10 @@ mod tests {
 
     #[test]
     fn targets() {
-        assert_eq!(target("10.0.0.2:6379").unwrap().to_string(), "10.0.0.2:6379");
+        assert_eq!(
+            target("10.0.0.2:6379").unwrap().to_string(),
+            "10.0.0.2:6379"
+        );
         assert_eq!(target("[::1]:80").unwrap().to_string(), "[::1]:80");
         assert_eq!(target("db:5432").unwrap().host, Host::Name("db".into()));
         assert!(target("::1:80").unwrap_err().contains("brackets"));

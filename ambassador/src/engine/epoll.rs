@@ -38,7 +38,9 @@ struct PooledBuf(Option<Box<[u8]>>);
 impl PooledBuf {
     fn take() -> Self {
         let b = POOL.with(|p| p.borrow_mut().pop());
-        PooledBuf(Some(b.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())))
+        PooledBuf(Some(
+            b.unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice()),
+        ))
     }
 }
 

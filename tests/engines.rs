@@ -264,6 +264,35 @@ fn max_conns(mode: &str) {
     );
 }
 
+/// `--connect-timeout`: an upstream that never answers the handshake (its
+/// accept queue is full, so the kernel drops our SYNs) closes the client
+/// after the timeout with a warning, and other connections go on.
+fn connect_timeout(mode: &str) {
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    full.listen(0).unwrap();
+    let addr = full.local_addr().unwrap().as_socket().unwrap();
+    // With backlog 0 one connection fills the accept queue; nobody accepts.
+    let _filler = TcpStream::connect(addr).unwrap();
+    let p = Proxy::forward(mode, &addr.to_string(), &["--connect-timeout", "500ms"]);
+    let mut c = p.connect();
+    let t = Instant::now();
+    let mut b = [0u8; 1];
+    assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "closed after {waited:?}, before the timeout"
+    );
+    assert!(p.wait_log("upstream connect timed out", 5), "{}", p.log());
+}
+
 /// `--idle-timeout`: a silent connection is closed, an active one is not.
 fn idle_timeout(mode: &str) {
     let echo = echo_server();
@@ -322,6 +351,10 @@ macro_rules! engine_suite {
             #[test]
             fn max_conns() {
                 super::max_conns(MODE)
+            }
+            #[test]
+            fn connect_timeout() {
+                super::connect_timeout(MODE)
             }
             #[test]
             fn idle_timeout() {

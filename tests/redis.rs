@@ -99,8 +99,7 @@ fn classic(mode: &str) {
     for op in ["SET: ", "GET: "] {
         let line = text
             .lines()
-            .filter(|l| l.starts_with(op))
-            .next_back()
+            .rfind(|l| l.starts_with(op))
             .unwrap_or_else(|| panic!("{op} in {text}"));
         let rps: f64 = line[op.len()..]
             .split_whitespace()

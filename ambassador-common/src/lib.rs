@@ -1,4 +1,85 @@
 //! The layout shared by the kernel program (`ambassador-ebpf`) and the loader
 //! (`ambassador::bpf`): map names, key and value types. Defined once, here.
-//! (Placeholder: filled in by the sockmap work.)
+//!
+//! Every map is keyed by a socket cookie (`SO_COOKIE` in userspace,
+//! `bpf_get_socket_cookie(skb)` in the kernel). Cookies are never reused while
+//! the system runs, so a stale entry can never steer a new connection's bytes.
+//!
+//! Per spliced socket ("source" = the socket whose ingress the verdict sees):
+//! - `PEERS[src]`   = the destination socket (SOCKHASH, no program attached)
+//! - `VERDICT[src]` = the socket itself (SOCKHASH, verdict program attached)
+//! - `STATS[src]`   = [`DirStats`], written only by the program
+//! - `CTRL[src]`    = [`DirCtrl`], written only by userspace
+//! - `EVENTS`       = ring buffer of cookies that just started passing
+//!
+//! Splitting the counters (kernel-written) from the controls (user-written)
+//! keeps each map single-writer: the verdict for one socket always runs under
+//! that socket's lock, so its plain `+=` never races with itself, and a
+//! userspace update of `CTRL` can never clobber a kernel counter.
 #![no_std]
+
+/// SOCKHASH: source cookie -> destination socket. Filled first; no program.
+pub const MAP_PEERS: &str = "PEERS";
+/// SOCKHASH: own cookie -> own socket. The verdict program is attached here,
+/// so a socket only gets verdicts once it is inserted here (after `PEERS`).
+pub const MAP_VERDICT: &str = "VERDICT";
+/// HASH: source cookie -> [`DirStats`].
+pub const MAP_STATS: &str = "STATS";
+/// HASH: source cookie -> [`DirCtrl`].
+pub const MAP_CTRL: &str = "CTRL";
+/// RINGBUF: the source cookie (u64), pushed when a direction switches from
+/// redirecting to passing, so userspace wakes up at once (no polling).
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Size of `EVENTS` in bytes (a record is 16 bytes: 8 header + 8 cookie).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// The verdict program's name in the object.
+pub const PROG_VERDICT: &str = "verdict";
+
+/// Default capacity of every map, in sockets (two per spliced connection).
+/// The loader may override it with `EbpfLoader::set_max_entries`.
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
+/// Counters for one direction (source socket -> its peer), kernel-written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirStats {
+    /// Payload bytes redirected to the peer's send path.
+    pub redirected_bytes: u64,
+    /// skbs redirected.
+    pub redirected_segs: u64,
+    /// Payload bytes left on the source socket (`SK_PASS`) for userspace
+    /// to copy: the backpressure ("pass") mode, see `DirCtrl`.
+    pub passed_bytes: u64,
+    /// skbs whose redirect failed (no peer entry): also `SK_PASS`ed.
+    pub misses: u64,
+    /// Zero-length skbs (a FIN) dropped rather than redirected.
+    pub zero_len: u64,
+}
+
+/// Controls for one direction, written by userspace, read by the program.
+///
+/// The program redirects an skb of `len` bytes only while
+/// `passed_bytes == forwarded && redirected_bytes + len <= limit`.
+/// Otherwise it returns `SK_PASS`: the bytes stay queued on the source
+/// socket, charged to its receive buffer, so TCP flow control pushes back on
+/// the sender. Userspace raises `limit` as the peer drains (bounding the
+/// kernel's unaccounted redirect backlog), and copies passed bytes itself,
+/// bumping `forwarded` only after they are fully written to the peer, so
+/// redirecting resumes exactly when nothing passed is still pending: order
+/// is preserved across both paths.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirCtrl {
+    /// Redirect while `redirected_bytes + len <= limit`.
+    pub limit: u64,
+    /// Passed bytes userspace has read and completely written to the peer.
+    pub forwarded: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // Safety: both types are `#[repr(C)]`, made only of `u64`s (no padding,
+    // every bit pattern valid), which is what `aya::Pod` requires.
+    unsafe impl aya::Pod for super::DirStats {}
+    unsafe impl aya::Pod for super::DirCtrl {}
+}

@@ -30,7 +30,7 @@ pub struct Cli {
     pub mode: Mode,
 
     /// Which connections the sockmap engine splices in the kernel.
-    #[arg(long, value_enum, default_value_t = SplicePolicy::Always)]
+    #[arg(long, value_enum, default_value_t = SplicePolicy::Adaptive)]
     pub splice: SplicePolicy,
 
     /// Print the forwards and exit without binding anything.

@@ -1,0 +1,572 @@
+//! The loader for the sockmap engine's kernel program (`ambassador-ebpf`).
+//!
+//! - [`probe`] checks the kernel and privileges, loads the committed object,
+//!   creates the maps and attaches the verdict program, or returns the exact
+//!   reason it could not (`BPF_PROG_LOAD: EPERM — needs CAP_BPF and
+//!   CAP_NET_ADMIN`), which `--mode auto` logs before falling back.
+//! - [`Splicer`] owns the loaded program and its maps: insert a connection's
+//!   two sockets, read the per-direction counters, set the budget.
+//! - A few raw socket helpers the engine needs ([`socket_cookie`], [`kick`],
+//!   [`queued_total`], [`so_error`]).
+//!
+//! Unsafe code here is limited to `getsockopt`/`ioctl`/`recv`/`setsockopt`
+//! calls on fds we borrow; each site says why it is sound. The layout of the
+//! maps lives in `ambassador-common`, shared with the program.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use ambassador_common::{
+    DirCtrl, DirStats, MAP_CTRL, MAP_EVENTS, MAP_PEERS, MAP_STATS, MAP_VERDICT, PROG_VERDICT,
+};
+use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfError, EbpfLoader};
+
+/// The committed object, rebuilt by `cargo xtask build-ebpf`. Embedding it
+/// means a stable `cargo build` never needs the BPF toolchain.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/ambassador.bpf.o");
+
+/// Oldest kernel with verdict-only sk_skb mode (no stream parser). Whether a
+/// kernel also carries the fixes we rely on (the 6.4-rc4 sockmap series for
+/// bytes queued before insertion and FIN handling; sockmap.md §6) is not
+/// read from the version, since distributions backport them (Debian 12's
+/// 6.1.192 has them): [`Splicer::self_test`] checks the behaviour itself.
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+
+/// Loaded, attached program plus the four maps (see `ambassador-common`).
+pub struct Splicer {
+    peers: SockHash<MapData, u64>,
+    verdict: SockHash<MapData, u64>,
+    stats: HashMap<MapData, u64, DirStats>,
+    ctrl: HashMap<MapData, u64, DirCtrl>,
+    /// Cookies that just started passing; taken by the engine's watcher.
+    events: Option<RingBuf<MapData>>,
+    /// Sockets each map holds at most (two per spliced connection).
+    capacity: u32,
+    /// Keeps the program and its link to `VERDICT` alive. Dropping it
+    /// detaches the program; sockets already inserted keep their verdict.
+    _ebpf: Ebpf,
+}
+
+/// One socket of a pair being inserted.
+#[derive(Clone, Copy, Debug)]
+pub struct Sock {
+    pub fd: RawFd,
+    pub cookie: u64,
+}
+
+/// Why inserting a pair failed. Nothing of the pair is left in any map.
+#[derive(Debug)]
+pub struct InsertError {
+    /// `PEERS`, `VERDICT`, `STATS` or `CTRL`.
+    pub map: &'static str,
+    pub errno: i32,
+}
+
+/// How far [`Splicer::insert_pair`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// Both sockets are in `VERDICT`: the kernel moves both directions.
+    Both,
+    /// Only `a` is in `VERDICT` (`b` failed, typically `EOPNOTSUPP` because
+    /// its peer sent FIN between the two inserts, so it is CLOSE_WAIT). The
+    /// kernel moves a→b; b→a must be copied in userspace, which is safe:
+    /// nothing is ever redirected into `a`. The errno is `b`'s failure.
+    FirstOnly(i32),
+}
+
+impl fmt::Display for InsertError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "insert into {}: {}", self.map, errno_name(self.errno))
+    }
+}
+
+impl std::error::Error for InsertError {}
+
+/// Check the kernel and privileges, then load and attach the program with
+/// maps sized for `max_sockets` sockets. `Err` is a one-line reason naming
+/// the failing syscall, its errno and what would fix it.
+pub fn probe(max_sockets: u32) -> Result<Splicer, String> {
+    let release = kernel_release();
+    check_kernel(&release)?;
+    let mut splicer = Splicer::load(max_sockets)?;
+    splicer
+        .self_test()
+        .map_err(|e| format!("kernel {release}: sockmap self-test failed: {e}"))?;
+    Ok(splicer)
+}
+
+impl Splicer {
+    /// Load the embedded object, create the maps (`max_sockets` entries
+    /// each), load the verdict program and attach it to `VERDICT`.
+    pub fn load(max_sockets: u32) -> Result<Self, String> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_PEERS, max_sockets)
+            .map_max_entries(MAP_VERDICT, max_sockets)
+            .map_max_entries(MAP_STATS, max_sockets)
+            .map_max_entries(MAP_CTRL, max_sockets)
+            .load(OBJECT)
+            .map_err(|e| reason_for_load(&e))?;
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| format!("object has no map {name} (stale ambassador.bpf.o?)"))
+        };
+        let peers: SockHash<_, u64> = take(&mut ebpf, MAP_PEERS)?.try_into().map_err(fmt_err)?;
+        let verdict: SockHash<_, u64> =
+            take(&mut ebpf, MAP_VERDICT)?.try_into().map_err(fmt_err)?;
+        let stats: HashMap<_, u64, DirStats> =
+            take(&mut ebpf, MAP_STATS)?.try_into().map_err(fmt_err)?;
+        let ctrl: HashMap<_, u64, DirCtrl> =
+            take(&mut ebpf, MAP_CTRL)?.try_into().map_err(fmt_err)?;
+        let events: RingBuf<_> = take(&mut ebpf, MAP_EVENTS)?.try_into().map_err(fmt_err)?;
+        let prog: &mut SkSkb = ebpf
+            .program_mut(PROG_VERDICT)
+            .ok_or("object has no program verdict")?
+            .try_into()
+            .map_err(fmt_err)?;
+        prog.load().map_err(|e| reason("BPF_PROG_LOAD", &e))?;
+        let map_fd = verdict.fd().try_clone().map_err(|e| reason("dup", &e))?;
+        // aya attaches with a BPF link from 6.10 on, with the older
+        // prog-attach call below that: name the one that failed.
+        let attach_call = if kernel_at_least(&kernel_release(), (6, 10)) {
+            "BPF_LINK_CREATE"
+        } else {
+            "BPF_PROG_ATTACH"
+        };
+        prog.attach(&map_fd).map_err(|e| reason(attach_call, &e))?;
+        Ok(Self {
+            peers,
+            verdict,
+            stats,
+            ctrl,
+            events: Some(events),
+            capacity: max_sockets,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The `EVENTS` ring buffer (once): each record is the `u64` cookie of a
+    /// socket whose verdict just switched from redirecting to passing.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Sockets each map can hold (two per connection).
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Splice `a` and `b`: counters and budget first, then `PEERS` (both
+    /// redirect targets exist before any verdict), then `VERDICT` (verdicts
+    /// start). Both sockets must be ESTABLISHED. On error everything already
+    /// inserted is removed again. The caller must [`kick`] both sockets
+    /// afterwards so bytes queued before the insert are processed.
+    ///
+    /// Once `a` is in `VERDICT` its bytes may already have been redirected,
+    /// so a failure of the last step is not undone: see [`Inserted`].
+    pub fn insert_pair(&mut self, a: Sock, b: Sock, limit: u64) -> Result<Inserted, InsertError> {
+        let ctrl = DirCtrl {
+            limit,
+            forwarded: 0,
+        };
+        let mut step = 0;
+        let r: Result<(), InsertError> = (|| {
+            for s in [a, b] {
+                self.stats
+                    .insert(s.cookie, DirStats::default(), 0)
+                    .map_err(|e| ie(MAP_STATS, e))?;
+                self.ctrl
+                    .insert(s.cookie, ctrl, 0)
+                    .map_err(|e| ie(MAP_CTRL, e))?;
+            }
+            step = 1;
+            self.peers
+                .insert(a.cookie, b.fd, 0)
+                .map_err(|e| ie(MAP_PEERS, e))?;
+            step = 2;
+            self.peers
+                .insert(b.cookie, a.fd, 0)
+                .map_err(|e| ie(MAP_PEERS, e))?;
+            step = 3;
+            self.verdict
+                .insert(a.cookie, a.fd, 0)
+                .map_err(|e| ie(MAP_VERDICT, e))?;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            // Undo in reverse. Removing a socket from every sockmap drops its
+            // psock and restores the plain TCP callbacks, so the pair can go
+            // on in userspace.
+            if step >= 3 {
+                let _ = self.peers.remove(&b.cookie);
+            }
+            if step >= 2 {
+                let _ = self.peers.remove(&a.cookie);
+            }
+            self.forget(a.cookie);
+            self.forget(b.cookie);
+            return Err(e);
+        }
+        match self.verdict.insert(b.cookie, b.fd, 0) {
+            Ok(()) => Ok(Inserted::Both),
+            Err(e) => Ok(Inserted::FirstOnly(ie(MAP_VERDICT, e).errno)),
+        }
+    }
+
+    /// Prove on a throw-away loopback connection pair that this kernel
+    /// splices the way the engine relies on, instead of trusting a version
+    /// number:
+    /// 1. a byte queued before the insert is forwarded after the kick (the
+    ///    6.4 fix "bpf, sockmap: TCP data stall on recv before accept");
+    /// 2. after a FIN on one side (a zero-length skb the program drops) the
+    ///    peer socket carries no error and the other direction still flows.
+    ///
+    /// The sockets are closed on return, which unlinks them from the maps.
+    pub fn self_test(&mut self) -> Result<(), String> {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::time::{Duration, Instant};
+        let io = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
+        let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind"))?;
+        let addr = l.local_addr().map_err(io("bind"))?;
+        // app <-> a (the proxy's client side), b <-> db (its upstream side).
+        let mut app = TcpStream::connect(addr).map_err(io("connect"))?;
+        let (a, _) = l.accept().map_err(io("accept"))?;
+        let b = TcpStream::connect(addr).map_err(io("connect"))?;
+        let (mut db, _) = l.accept().map_err(io("accept"))?;
+        for s in [&app, &db] {
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(io("timeout"))?;
+        }
+        app.write_all(b"k").map_err(io("write"))?;
+        let t = Instant::now();
+        while fionread(&a) < 1 && t.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let sa = Sock {
+            fd: a.as_raw_fd(),
+            cookie: socket_cookie(&a).map_err(io("SO_COOKIE"))?,
+        };
+        let sb = Sock {
+            fd: b.as_raw_fd(),
+            cookie: socket_cookie(&b).map_err(io("SO_COOKIE"))?,
+        };
+        let result = (|| {
+            match self.insert_pair(sa, sb, 1 << 20) {
+                Ok(Inserted::Both) => {}
+                Ok(Inserted::FirstOnly(e)) => return Err(format!("insert: {}", errno_name(e))),
+                Err(e) => return Err(format!("insert: {e}")),
+            }
+            let mut one = [0u8; 1];
+            let _ = kick(&a, &mut one);
+            let _ = kick(&b, &mut one);
+            let mut got = [0u8; 1];
+            if db.read_exact(&mut got).is_err() || &got != b"k" {
+                return Err(
+                    "a byte queued before the insert was not forwarded after the \
+                            kick (needs the 6.4 fix \"bpf, sockmap: TCP data stall on recv \
+                            before accept\")"
+                        .into(),
+                );
+            }
+            app.shutdown(Shutdown::Write).map_err(io("shutdown"))?;
+            // The FIN reaches `a`; then the reverse direction must still work.
+            std::thread::sleep(Duration::from_millis(20));
+            db.write_all(b"r").map_err(io("write"))?;
+            if app.read_exact(&mut got).is_err() || &got != b"r" {
+                return Err("the reverse direction stopped after a FIN".into());
+            }
+            for (name, s) in [("client", so_error(&a)), ("upstream", so_error(&b))] {
+                if s != 0 {
+                    return Err(format!(
+                        "a FIN left an error on the {name} socket ({})",
+                        io::Error::from_raw_os_error(s)
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        self.forget(sa.cookie);
+        self.forget(sb.cookie);
+        result
+    }
+
+    /// The kernel's counters for bytes received on `cookie`'s socket.
+    pub fn stats(&self, cookie: u64) -> io::Result<DirStats> {
+        self.stats.get(&cookie, 0).map_err(map_io)
+    }
+
+    /// Replace the budget/handshake for bytes received on `cookie`'s socket.
+    pub fn set_ctrl(&mut self, cookie: u64, ctrl: DirCtrl) -> io::Result<()> {
+        self.ctrl.insert(cookie, ctrl, 0).map_err(map_io)
+    }
+
+    /// Drop a closed socket's counters and controls. (Its `PEERS` and
+    /// `VERDICT` entries are removed by the kernel when the socket closes:
+    /// never delete those while the peer's psock may still hold bytes.)
+    pub fn forget(&mut self, cookie: u64) {
+        let _ = self.stats.remove(&cookie);
+        let _ = self.ctrl.remove(&cookie);
+    }
+
+    /// Entries currently in (`PEERS`, `VERDICT`, `STATS`, `CTRL`), counted
+    /// by walking the keys (a sockhash value cannot be read back with aya's
+    /// 4-byte value, but its keys can). For leak checks; O(entries).
+    pub fn entries(&self) -> (usize, usize, usize, usize) {
+        (
+            self.peers.keys().filter(Result::is_ok).count(),
+            self.verdict.keys().filter(Result::is_ok).count(),
+            self.stats.keys().filter(Result::is_ok).count(),
+            self.ctrl.keys().filter(Result::is_ok).count(),
+        )
+    }
+}
+
+fn ie(map: &'static str, e: MapError) -> InsertError {
+    let errno = find_io(&e).and_then(io::Error::raw_os_error).unwrap_or(0);
+    InsertError { map, errno }
+}
+
+fn map_io(e: MapError) -> io::Error {
+    match find_io(&e).and_then(io::Error::raw_os_error) {
+        Some(n) => io::Error::from_raw_os_error(n),
+        None => io::Error::other(e.to_string()),
+    }
+}
+
+fn fmt_err(e: impl fmt::Display) -> String {
+    e.to_string()
+}
+
+/// The first `io::Error` in an error's source chain.
+fn find_io<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn reason_for_load(e: &EbpfError) -> String {
+    // Creating the maps is the first privileged step of `EbpfLoader::load`.
+    let call = match e {
+        EbpfError::MapError(_) => "BPF_MAP_CREATE",
+        EbpfError::ProgramError(_) => "BPF_PROG_LOAD",
+        _ => "bpf",
+    };
+    reason(call, e)
+}
+
+/// `SYSCALL: ERRNO — what fixes it`, e.g.
+/// `BPF_PROG_LOAD: EPERM — needs CAP_BPF and CAP_NET_ADMIN`.
+fn reason(call: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let Some(errno) = find_io(e).and_then(io::Error::raw_os_error) else {
+        return format!("{call}: {e}");
+    };
+    let hint = match errno {
+        libc::EPERM | libc::EACCES if !has_bpf_caps() => {
+            "needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN)".to_string()
+        }
+        libc::EPERM | libc::EACCES => {
+            "denied although CAP_BPF and CAP_NET_ADMIN are present (seccomp, LSM or \
+             kernel.unprivileged_bpf_disabled in a user namespace?)"
+                .to_string()
+        }
+        libc::EINVAL => "kernel rejected it (CONFIG_BPF_SYSCALL / CONFIG_NET_SOCK_MSG off?)".into(),
+        libc::ENOMEM => "out of memory (memcg limit?)".into(),
+        libc::ENOSYS => "bpf() not available (CONFIG_BPF_SYSCALL off?)".into(),
+        _ => e.to_string(),
+    };
+    format!("{call}: {} — {hint}", errno_name(errno))
+}
+
+/// `EPERM`, `E2BIG`, ... (falls back to the number).
+pub fn errno_name(errno: i32) -> String {
+    let s = match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSPC => "ENOSPC",
+        libc::E2BIG => "E2BIG",
+        libc::ENOSYS => "ENOSYS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EBADF => "EBADF",
+        _ => return format!("errno {errno}"),
+    };
+    s.to_string()
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `major.minor` of a release string such as `6.1.0-56-amd64`.
+fn kernel_version(release: &str) -> (u32, u32) {
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    let major: u32 = nums.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let minor: u32 = nums.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    (major, minor)
+}
+
+fn kernel_at_least(release: &str, v: (u32, u32)) -> bool {
+    kernel_version(release) >= v
+}
+
+/// Refuse kernels without verdict-only mode. (Newer fixes are checked by
+/// behaviour, in [`Splicer::self_test`].)
+pub fn check_kernel(release: &str) -> Result<(), String> {
+    if !kernel_at_least(release, MIN_KERNEL) {
+        return Err(format!(
+            "kernel {release}: no verdict-only sk_skb mode (needs Linux {}.{} or later)",
+            MIN_KERNEL.0, MIN_KERNEL.1
+        ));
+    }
+    Ok(())
+}
+
+/// Does `CapEff` have CAP_SYS_ADMIN, or both CAP_BPF and CAP_NET_ADMIN?
+pub fn has_bpf_caps() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let bit = |n: u32| eff & (1u64 << n) != 0;
+    bit(21) || (bit(39) && bit(12))
+}
+
+/// `SO_COOKIE`: the socket's never-reused 64-bit id, our map key.
+pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut c: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // Safety: `fd` is a live socket borrowed for the call; `c`/`len` are
+    // valid for writes of the size we pass.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut c).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(c)
+}
+
+/// A non-blocking `recv` on a spliced socket. Right after the `VERDICT`
+/// insert it is the "kick" that runs the verdict over bytes that were queued
+/// before the insert (they would otherwise wait for the next arrival). It
+/// also takes the socket lock, so any verdict running in softirq for this
+/// socket has finished when it returns. Only bytes the verdict passed
+/// (`SK_PASS`) are ever returned. `Ok(0)` = EOF; `WouldBlock` = nothing.
+pub fn kick(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut one = [0u8; 1];
+    // `len == 0` would return before looking at the queue: pass ≥ 1 byte.
+    let buf: &mut [u8] = if buf.is_empty() { &mut one } else { buf };
+    // Safety: `buf` is valid for `buf.len()` bytes of writes.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Bytes this socket has put into its send queue so far, as
+/// `tcpi_bytes_acked + SIOCOUTQ` (= `write_seq - ISN`, plus 1 for the SYN on
+/// the connecting side: use deltas). Read in that order, the sum can only
+/// under-count, never over-count: a drain check based on it is safe.
+pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
+    // Safety: a zeroed `tcp_info` is a valid value; the kernel writes at
+    // most `len` bytes into it.
+    let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // Safety: live fd, valid out pointers.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut ti).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut outq: libc::c_int = 0;
+    // Safety: SIOCOUTQ (= TIOCOUTQ) writes one int.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ti.tcpi_bytes_acked + outq.max(0) as u64)
+}
+
+/// `FIONREAD`: bytes readable now (only meaningful before the insert).
+fn fionread(fd: &impl AsRawFd) -> i32 {
+    let mut n: libc::c_int = 0;
+    // Safety: FIONREAD writes one int.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    n
+}
+
+/// `SO_ERROR` (0 = none).
+pub fn so_error(fd: &impl AsRawFd) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // Safety: live fd, valid out pointers.
+    unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut v).cast(),
+            &mut len,
+        )
+    };
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_gate() {
+        assert!(check_kernel("6.18.44-fc").is_ok());
+        assert!(check_kernel("6.1.0-56-amd64").is_ok());
+        assert!(check_kernel("5.10.0").is_ok());
+        assert!(
+            check_kernel("5.4.0")
+                .unwrap_err()
+                .contains("needs Linux 5.10")
+        );
+        assert!(kernel_at_least("6.12.117+deb12-amd64", (6, 10)));
+        assert!(!kernel_at_least("6.1.0-56-amd64", (6, 10)));
+    }
+}

@@ -455,5 +455,5 @@ const MINIMUMS: &str = "
 |---|---|---|
 | `epoll` | any kernel Rust std supports (3.2+) | plain non-blocking sockets and epoll; the last fallback, needs no privilege |
 | `uring` | 5.10 | tokio-uring's documented minimum. `io_uring_setup` must also be allowed: not `kernel.io_uring_disabled=2` (or `=1` outside `io_uring_group`; the sysctl exists from 6.6) and not refused by seccomp (Docker's default profile refuses it since 25.0) |
-| `sockmap` | 6.4, or a stable kernel with the 6.4-rc4 sockmap series backported | verdict-only sk_skb needs 5.10; bytes queued before the insert and FIN handling need the 6.4-rc4 fixes. @SOCKMAP_NOTE@ Needs CAP_BPF + CAP_NET_ADMIN (or CAP_SYS_ADMIN) |
+| `sockmap` | 6.4, or a stable kernel with the 6.4-rc4 sockmap series backported | verdict-only sk_skb needs 5.10; bytes queued before the insert and FIN handling need the 6.4-rc4 fixes. The binary does not trust the version: at start-up it splices a throw-away loopback pair (a byte queued before the insert, then a FIN) and skips sockmap with the failed step as its reason. @SOCKMAP_NOTE@ Needs CAP_BPF + CAP_NET_ADMIN (or CAP_SYS_ADMIN) |
 ";

@@ -3,8 +3,9 @@
 //! are passed on, failures stay with their connection, SIGTERM drains, and
 //! `--max-conns` holds new clients back instead of resetting them.
 //!
-//! The same tests run once per engine (`epoll`, `uring`, `sockmap`); an
-//! engine that cannot start on this machine fails its tests loudly.
+//! The same tests run once per engine (`epoll`, `uring`, `sockmap` with
+//! every connection spliced, and `sockmap_adaptive`, the default policy);
+//! an engine that cannot start on this machine fails its tests loudly.
 
 mod support;
 
@@ -367,3 +368,4 @@ macro_rules! engine_suite {
 engine_suite!(epoll);
 engine_suite!(uring);
 engine_suite!(sockmap);
+engine_suite!(sockmap_adaptive);

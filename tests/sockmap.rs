@@ -224,6 +224,13 @@ fn with_proxy_policy<R: Send + 'static>(
             "connections still open 20 s after the clients finished"
         );
         sm.refresh_stats();
+        // The scenario's client and the upstream's handler close their own
+        // sockets on their threads: give them a moment before counting.
+        let scenario = th.join().expect("scenario panicked");
+        let t = Instant::now();
+        while open_fds() > fds_before && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let g = |c: &AtomicU64| c.load(Relaxed);
         let report = Report {
             spliced_to_upstream: g(&stats.spliced_to_upstream),
@@ -238,7 +245,7 @@ fn with_proxy_policy<R: Send + 'static>(
             entries: sm.map_entries(),
             fds_leaked: open_fds() as isize - fds_before as isize,
         };
-        (th.join().expect("scenario panicked"), report)
+        (scenario, report)
     })
 }
 
@@ -805,7 +812,11 @@ fn binary_stats_prove_bytes_were_spliced() {
     });
     let port = free_port();
     let fwd = format!("127.0.0.1:{port}={upstream}");
-    let bin = Bin::start(&[], &["--mode", "sockmap", "--forward", &fwd], false);
+    let bin = Bin::start(
+        &[],
+        &["--mode", "sockmap", "--splice", "always", "--forward", &fwd],
+        false,
+    );
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut w = s.try_clone().unwrap();
     let t = thread::spawn(move || {
@@ -1050,19 +1061,34 @@ fn proc_cpu(pid: u32) -> f64 {
     (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
 }
 
-/// `--splice adaptive`: a bulk stream that keeps outrunning the kernel's
-/// redirect path is moved to userspace copying (pass mode for good) in the
-/// middle of the transfer, without losing or reordering a byte, while the
-/// small reverse direction stays spliced.
+/// `--splice adaptive`: a connection starts in userspace and is spliced
+/// once it shows a request/response pattern (here 8 one-byte ping-pongs:
+/// promoted after the 4th). When it then turns into a bulk stream that keeps
+/// outrunning the kernel's redirect path, that direction is moved back to
+/// userspace copying (pass mode for good) in the middle of the transfer,
+/// without losing or reordering a byte, while the reverse direction stays
+/// spliced.
 #[test]
-fn adaptive_demotes_bulk_direction_byte_exact() {
+fn adaptive_promotes_then_demotes_bulk_direction_byte_exact() {
     let n = 256 * MIB;
     let upstream = server(move |mut s| {
+        let mut b = [0u8; 1];
+        for i in 0..8u8 {
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], i, "ping {i} in order");
+            s.write_all(&[b[0] ^ 0xff]).unwrap();
+        }
         let got = recv_stream(&mut s, 11).unwrap();
         s.write_all(&got.to_le_bytes()).unwrap();
     });
     let (got, r) = with_proxy_policy(SplicePolicy::Adaptive, 8, None, upstream, move |addr| {
         let mut s = TcpStream::connect(addr).unwrap();
+        let mut b = [0u8; 1];
+        for i in 0..8u8 {
+            s.write_all(&[i]).unwrap();
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], i ^ 0xff, "pong {i} in order");
+        }
         send_stream(&mut s, 11, n).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         let mut b = [0u8; 8];
@@ -1071,12 +1097,51 @@ fn adaptive_demotes_bulk_direction_byte_exact() {
     });
     eprintln!("{r:?}");
     assert_eq!(got, n, "upstream received");
-    assert_eq!(r.spliced_to_upstream + r.copied_to_upstream, n, "{r:?}");
-    assert_eq!(r.spliced_to_client, 8, "{r:?}");
+    assert_eq!(r.spliced_to_upstream + r.copied_to_upstream, n + 8, "{r:?}");
+    assert_eq!(r.copied_to_client, 4, "4 pongs before the promotion: {r:?}");
+    assert_eq!(
+        r.spliced_to_client,
+        4 + 8,
+        "4 pongs and the reply after: {r:?}"
+    );
     assert_eq!(
         r.demoted, 1,
         "the bulk direction, and only it, was demoted: {r:?}"
     );
+    assert_eq!(r.relay_errors, 0, "{r:?}");
+    assert_clean(&r);
+}
+
+/// `--splice adaptive`: short request/response connections and one-way
+/// bulk never enter the maps (no insert cost, the faster copy loop).
+#[test]
+fn adaptive_leaves_short_and_bulk_connections_in_userspace() {
+    let upstream = server(move |mut s| {
+        let mut b = [0u8; 4];
+        if s.read_exact(&mut b).is_ok() && &b == b"PING" {
+            s.write_all(b"PONG").unwrap();
+            return;
+        }
+        let got = recv_stream(&mut s, 12).unwrap();
+        s.write_all(&got.to_le_bytes()).unwrap();
+    });
+    let (_, r) = with_proxy_policy(SplicePolicy::Adaptive, 64, None, upstream, move |addr| {
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"PING").unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).unwrap();
+            assert_eq!(&b, b"PONG");
+        }
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"BULK").unwrap();
+        send_stream(&mut s, 12, 64 * MIB - 4).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).unwrap();
+    });
+    assert_eq!(r.spliced_to_upstream + r.spliced_to_client, 0, "{r:?}");
+    assert_eq!(r.copied_to_upstream, 50 * 4 + 64 * MIB, "{r:?}");
     assert_eq!(r.relay_errors, 0, "{r:?}");
     assert_clean(&r);
 }
@@ -1100,7 +1165,11 @@ fn binary_ipv6_and_mixed_families_are_spliced() {
     for listen in ["[::1]", "127.0.0.1"] {
         let port = free_port();
         let fwd = format!("{listen}:{port}={upstream}");
-        let bin = Bin::start(&[], &["--mode", "sockmap", "--forward", &fwd], false);
+        let bin = Bin::start(
+            &[],
+            &["--mode", "sockmap", "--splice", "always", "--forward", &fwd],
+            false,
+        );
         let host = listen.trim_matches(|c| c == '[' || c == ']');
         let mut s = TcpStream::connect((host, port)).unwrap();
         send_stream(&mut s, 21, MIB).unwrap();

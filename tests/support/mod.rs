@@ -33,7 +33,14 @@ impl Proxy {
     pub fn forward(mode: &str, target: &str, extra: &[&str]) -> Proxy {
         let port = free_port();
         let fwd = format!("127.0.0.1:{port}={target}");
-        let mut args = vec!["--mode", mode, "--forward", &fwd];
+        // `sockmap` splices every connection; `sockmap_adaptive` is the
+        // default policy (userspace first, spliced once request/response).
+        let mut args = match mode {
+            "sockmap" => vec!["--mode", "sockmap", "--splice", "always"],
+            "sockmap_adaptive" => vec!["--mode", "sockmap", "--splice", "adaptive"],
+            _ => vec!["--mode", mode],
+        };
+        args.extend(["--forward", fwd.as_str()]);
         args.extend_from_slice(extra);
         let mut cmd = Command::new(BIN);
         cmd.args(&args).env_clear();

@@ -16,11 +16,12 @@
 //! profile blocks io_uring, and an unprivileged process cannot load BPF.
 
 use super::{Activity, Conn, set_reset_on_close};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::AtomicU64;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 /// Size of one copy buffer: large enough that a bulk transfer needs few
 /// system calls, small enough to stay in cache.
@@ -73,43 +74,164 @@ impl Drop for PooledBuf {
 /// Move bytes both ways until both directions have seen EOF, an error, or
 /// the idle timeout.
 pub async fn relay(conn: Conn) -> io::Result<()> {
-    let client = TcpStream::from_std(conn.client)?;
-    let upstream = TcpStream::from_std(conn.upstream)?;
-    let activity = Activity::new();
-    let stats = &conn.stats;
-
-    let client_to_server = copy(&client, &upstream, &stats.bytes_to_upstream, &activity);
-    let server_to_client = copy(&upstream, &client, &stats.bytes_to_client, &activity);
-    let result = tokio::select! {
-        r = async { tokio::try_join!(client_to_server, server_to_client) } => r.map(|_| ()),
-        () = activity.idle(conn.settings.idle_timeout) => {
-            tracing::debug!(id = conn.id, client = %conn.client_addr, "idle timeout");
-            Ok(())
-        }
-    };
-    if result.is_err() {
-        set_reset_on_close(&client);
-        set_reset_on_close(&upstream);
-    }
-    result
+    relay_until(conn, None).await.map(|_| ())
 }
 
-/// One direction: `src` → `dst` until EOF, then half-close `dst`.
+/// When the sockmap engine's adaptive policy wants a connection moved into
+/// the kernel: after `turns` changes of direction (a request/response
+/// pattern, where splicing saves a userspace wake-up per message) with no
+/// read larger than `small` in between (bulk, in either or both directions,
+/// where the copy loop is faster on one host).
+#[derive(Clone, Copy, Debug)]
+pub struct Promote {
+    pub turns: u32,
+    pub small: usize,
+}
+
+/// How [`relay_until`] ended.
+pub enum Outcome {
+    /// Both directions are done.
+    Done,
+    /// Paused for promotion, at a point where userspace holds no bytes:
+    /// everything read so far has been written, both directions are open.
+    /// The sockets are back in `Conn`, ready to be spliced.
+    Paused(Conn),
+}
+
+/// What one direction's loop ended with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Eof,
+    Paused,
+}
+
+/// Shared by the two directions of one connection: the request/response
+/// detector and the pause request.
+struct Pause {
+    promote: Option<Promote>,
+    requested: Cell<bool>,
+    wake: Notify,
+    /// Direction of the last read (0 = client→server), and turns seen.
+    last_dir: Cell<u8>,
+    turns: Cell<u32>,
+}
+
+impl Pause {
+    /// A read of `n` bytes in direction `dir`.
+    fn saw_read(&self, dir: u8, n: usize) {
+        let Some(p) = self.promote else { return };
+        if n > p.small {
+            self.turns.set(0); // bulk: stay in userspace
+        } else if self.last_dir.replace(dir) != dir {
+            self.turns.set(self.turns.get() + 1);
+        }
+        if self.turns.get() >= p.turns && !self.requested.get() {
+            self.requested.set(true);
+            self.wake.notify_waiters();
+        }
+    }
+}
+
+/// [`relay`], optionally pausing for promotion to the kernel (see
+/// [`Promote`]). Without `promote` it always returns [`Outcome::Done`].
+pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Outcome> {
+    let Conn {
+        id,
+        forward,
+        client,
+        upstream,
+        client_addr,
+        upstream_addr,
+        stats,
+        settings,
+    } = conn;
+    let client = TcpStream::from_std(client)?;
+    let upstream = TcpStream::from_std(upstream)?;
+    let activity = Activity::new();
+    let pause = Pause {
+        promote,
+        requested: Cell::new(false),
+        wake: Notify::new(),
+        last_dir: Cell::new(1),
+        turns: Cell::new(0),
+    };
+    let (up, down) = (&stats.bytes_to_upstream, &stats.bytes_to_client);
+    let both = async {
+        let steps = tokio::try_join!(
+            copy(&client, &upstream, up, &activity, &pause, 0),
+            copy(&upstream, &client, down, &activity, &pause, 1)
+        )?;
+        // A direction that reached EOF while the other paused cannot be
+        // spliced (a socket that got FIN cannot enter a sockmap): finish
+        // the other one here.
+        let no_pause = Pause {
+            promote: None,
+            ..pause
+        };
+        match steps {
+            (Step::Paused, Step::Paused) => return Ok(true),
+            (Step::Paused, Step::Eof) => {
+                copy(&client, &upstream, up, &activity, &no_pause, 0).await?;
+            }
+            (Step::Eof, Step::Paused) => {
+                copy(&upstream, &client, down, &activity, &no_pause, 1).await?;
+            }
+            (Step::Eof, Step::Eof) => {}
+        }
+        Ok::<bool, io::Error>(false)
+    };
+    let result = tokio::select! {
+        r = both => r,
+        () = activity.idle(settings.idle_timeout) => {
+            tracing::debug!(id, client = %client_addr, "idle timeout");
+            Ok(false)
+        }
+    };
+    match result {
+        Ok(true) => Ok(Outcome::Paused(Conn {
+            id,
+            forward,
+            client: client.into_std()?,
+            upstream: upstream.into_std()?,
+            client_addr,
+            upstream_addr,
+            stats,
+            settings,
+        })),
+        Ok(false) => Ok(Outcome::Done),
+        Err(e) => {
+            set_reset_on_close(&client);
+            set_reset_on_close(&upstream);
+            Err(e)
+        }
+    }
+}
+
+/// One direction: `src` → `dst` until EOF (then half-close `dst`) or a
+/// pause request (only ever between a completed write and the next read).
 async fn copy(
     src: &TcpStream,
     dst: &TcpStream,
     counter: &AtomicU64,
     activity: &Activity,
-) -> io::Result<()> {
+    pause: &Pause,
+    dir: u8,
+) -> io::Result<Step> {
     loop {
-        src.readable().await?;
+        if pause.requested.get() {
+            return Ok(Step::Paused);
+        }
+        tokio::select! {
+            r = src.readable() => r?,
+            () = pause.wake.notified(), if pause.promote.is_some() => continue,
+        }
         let mut buf = PooledBuf::take();
         let n = match src.try_read(&mut buf) {
             Ok(0) => {
                 // The peer will send no more: pass the FIN on. ENOTCONN means
                 // the other side is already gone, which its own direction reports.
                 let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-                return Ok(());
+                return Ok(Step::Eof);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -126,5 +248,6 @@ async fn copy(
             }
         }
         crate::metrics::ForwardStats::add(counter, n as u64);
+        pause.saw_read(dir, n);
     }
 }

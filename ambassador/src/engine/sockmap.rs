@@ -32,6 +32,7 @@
 //!    only when both directions are done; `close()` unlinks them from the
 //!    sockmaps, and we delete their counters.
 
+use super::epoll::{Outcome, Promote};
 use super::{Activity, Conn};
 use crate::bpf::{self, Sock, Splicer};
 use crate::config::{Settings, SplicePolicy};
@@ -53,6 +54,12 @@ use tokio::sync::Notify;
 /// socket has taken into its send queue (the unaccounted psock backlog).
 /// 4 MiB lets one loopback stream run at full speed with 2 ms ticks.
 pub const INFLIGHT_CAP: u64 = 4 << 20;
+/// `--splice adaptive`: splice a connection after 8 changes of direction
+/// (4 round trips) with no read over 32 KiB in between.
+pub const PROMOTE: Promote = Promote {
+    turns: 8,
+    small: 32 * 1024,
+};
 /// Connections the maps hold by default (each map holds two sockets per
 /// connection). `AMBASSADOR_SOCKMAP_CONNS` overrides it.
 pub const DEFAULT_CAPACITY: u32 = 32_768;
@@ -195,9 +202,19 @@ fn env_num(k: &str) -> Option<u64> {
 /// Hand both sockets to the kernel and watch them until both directions are
 /// done; fall back to the epoll engine if the connection cannot be spliced.
 pub async fn relay(sm: &Rc<Sockmap>, conn: Conn) -> io::Result<()> {
-    if sm.policy == SplicePolicy::Never {
-        return super::epoll::relay(conn).await;
-    }
+    let conn = match sm.policy {
+        SplicePolicy::Never => return super::epoll::relay(conn).await,
+        SplicePolicy::Always => conn,
+        // Start in userspace; move into the kernel only a connection that
+        // shows a request/response pattern, at a point where userspace holds
+        // no bytes (everything it read is already written, so the kernel's
+        // redirects follow them in order). Short connections never pay for
+        // the map inserts, bulk streams keep the faster copy loop.
+        SplicePolicy::Adaptive => match super::epoll::relay_until(conn, Some(PROMOTE)).await? {
+            Outcome::Done => return Ok(()),
+            Outcome::Paused(conn) => conn,
+        },
+    };
     if sm.active.get() >= sm.capacity {
         ForwardStats::add(&conn.stats.splice_fallbacks, 1);
         tracing::debug!(

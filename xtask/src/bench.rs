@@ -1,9 +1,135 @@
-//! (placeholder, owned by the bench work)
-use anyhow::Result;
+//! `cargo xtask bench [--full] [--smoke]`: the side-by-side benchmark (issue 5).
+//!
+//! Installs the peers it compares against when they are missing, builds the
+//! `ambassador` binary in release (unless `$AMBASSADOR_BIN` names one), and runs
+//! the harness, `cargo run -p ambassador-bench --release -- ...`, which writes
+//! `benches/results/<date>-<pass>.{md,json}` + PNG plots and rewrites the results
+//! section of `docs/benchmarks.md`.
+//!
+//! `smoke()` is what CI calls: one round, about a second per figure, into a
+//! scratch directory; it checks only that every row produced every figure or
+//! its reason for not running. No timing is asserted anywhere.
+
+use crate::util::{apt_install, root, run as run_cmd};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Debian packages the benchmark runs (peers, load tools, the font for plot text).
+pub const BENCH_PACKAGES: &[&str] = &[
+    "socat",
+    "haproxy",
+    "nginx-light",
+    "libnginx-mod-stream",
+    "sockperf",
+    "iperf3",
+    "wrk",
+    "fonts-dejavu-core",
+    "util-linux", // taskset
+];
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The thorough run: 3 rounds, 3 s per figure (about 20 minutes here).
+    #[arg(long)]
+    pub full: bool,
+    /// The CI smoke pass only (same as `smoke()`): 1 round, ~1 s per figure, scratch output.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Only these rows, comma-separated (direct, socat, haproxy, nginx, sockmap, uring, epoll, auto).
+    #[arg(long)]
+    pub rows: Option<String>,
+    /// Only these passes, comma-separated (same-core, cross-core).
+    #[arg(long)]
+    pub passes: Option<String>,
+    /// Override the number of rounds.
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Override the seconds per figure.
+    #[arg(long)]
+    pub secs: Option<u32>,
+}
 
-pub fn run(_a: Args) -> Result<()> {
-    anyhow::bail!("not built yet")
+pub fn run(a: Args) -> Result<()> {
+    if a.smoke {
+        return smoke();
+    }
+    let bin = prepare()?;
+    let mut extra: Vec<String> = vec![
+        "--out".into(),
+        "benches/results".into(),
+        "--docs".into(),
+        "docs/benchmarks.md".into(),
+    ];
+    if a.full {
+        extra.push("--full".into());
+    }
+    for (flag, v) in [("--rows", a.rows), ("--passes", a.passes)] {
+        if let Some(v) = v {
+            extra.extend([flag.to_string(), v]);
+        }
+    }
+    for (flag, v) in [("--rounds", a.rounds), ("--secs", a.secs)] {
+        if let Some(v) = v {
+            extra.extend([flag.to_string(), v.to_string()]);
+        }
+    }
+    harness(&bin, &extra)
+}
+
+/// CI's benchmark smoke: proves the harness runs end to end and fills every row
+/// (or states the engine's reason). The harness itself exits non-zero, naming
+/// the row and figure, when one is missing without a reason.
+pub fn smoke() -> Result<()> {
+    let bin = prepare()?;
+    let out = std::env::temp_dir().join("ambassador-bench-smoke");
+    let _ = std::fs::remove_dir_all(&out);
+    harness(
+        &bin,
+        &["--smoke".into(), "--out".into(), out.display().to_string()],
+    )?;
+    let n = std::fs::read_dir(&out)
+        .with_context(|| format!("reading {}", out.display()))?
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.ends_with(".json") || n.ends_with(".md") || n.ends_with(".png")
+        })
+        .count();
+    anyhow::ensure!(
+        n >= 5,
+        "bench smoke wrote {n} files in {}, expected a .md, a .json and 3 plots",
+        out.display()
+    );
+    eprintln!("bench smoke: ok ({n} files in {})", out.display());
+    Ok(())
+}
+
+/// Install what is missing and find (or build) the ambassador binary.
+fn prepare() -> Result<PathBuf> {
+    apt_install(BENCH_PACKAGES)?;
+    let root = root();
+    if let Some(b) = std::env::var_os("AMBASSADOR_BIN") {
+        let b = PathBuf::from(b);
+        anyhow::ensure!(b.exists(), "AMBASSADOR_BIN={} does not exist", b.display());
+        return Ok(b);
+    }
+    run_cmd(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "ambassador",
+    ]))?;
+    Ok(root.join("target/release/ambassador"))
+}
+
+fn harness(bin: &std::path::Path, extra: &[String]) -> Result<()> {
+    run_cmd(
+        Command::new("cargo")
+            .current_dir(root())
+            .args(["run", "-q", "-p", "ambassador-bench", "--release", "--"])
+            .arg("--bin")
+            .arg(bin)
+            .args(extra),
+    )
 }

@@ -1,0 +1,47 @@
+//! nginx stream proxy, one worker, our own config and prefix (Debian's stream
+//! module loaded explicitly).
+
+use crate::peers::Fwd;
+use crate::sys::Proc;
+use anyhow::Result;
+use std::fmt::Write;
+use std::path::Path;
+use std::time::Duration;
+
+pub const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+pub fn start(cpu: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc> {
+    let prefix = dir.join("nginx-stream");
+    std::fs::create_dir_all(&prefix)?;
+    let p = prefix.display();
+    let mut c = format!(
+        "load_module {STREAM_MODULE};\nworker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\n\
+         pid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{ worker_connections 20000; }}\nstream {{\n"
+    );
+    for f in fwds {
+        let _ = writeln!(
+            c,
+            "  server {{ listen 127.0.0.1:{}; proxy_pass 127.0.0.1:{}; }}",
+            f.listen, f.target
+        );
+    }
+    c.push_str("}\n");
+    let cfg = prefix.join("nginx.conf");
+    std::fs::write(&cfg, c)?;
+    let args = [
+        "-p",
+        &p.to_string(),
+        "-e",
+        &format!("{p}/error.log"),
+        "-c",
+        &cfg.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut pr = Proc::spawn("nginx", Some(cpu), "nginx", &args)?;
+    pr.wait_ports(
+        &fwds.iter().map(|f| f.listen).collect::<Vec<_>>(),
+        Duration::from_secs(5),
+    )?;
+    Ok(pr)
+}

@@ -1,0 +1,460 @@
+//! The markdown report of a pass: the table of medians, ratios to direct and to
+//! HAProxy, the spread, and the goals with a plain verdict for each.
+
+use crate::results::{FIGURES, PassResult, RowResult, figure};
+use std::fmt::Write;
+
+fn fmt(key: &str, v: f64) -> String {
+    if key.contains("_us") {
+        format!("{v:.1}")
+    } else if key.contains("gbps") {
+        format!("{v:.2}")
+    } else if key == "conn_per_s" {
+        format!("{v:.0}")
+    } else if key.contains("cpu") {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// System CPU per GiB above direct's (what the proxy adds, machine-wide).
+pub fn sys_over_direct(p: &PassResult, r: &RowResult) -> Option<f64> {
+    Some(r.median("cpu_sys_s_per_gib")? - p.row("direct")?.median("cpu_sys_s_per_gib")?)
+}
+
+fn cell(r: &RowResult, key: &str) -> String {
+    match (r.figures.get(key), r.figure_errors.get(key)) {
+        (Some(s), _) => fmt(key, s.median),
+        (None, Some(_)) => "err¹".into(),
+        (None, None) => "–".into(),
+    }
+}
+
+/// The main table (medians), one line per row; rows that could not run show why.
+pub fn table(p: &PassResult) -> String {
+    let keys: Vec<&str> = FIGURES.iter().map(|f| f.key).collect();
+    let mut s = String::from("| row |");
+    for k in &keys {
+        let _ = write!(s, " {} |", figure(k).label);
+        if *k == "cpu_sys_s_per_gib" {
+            s.push_str(" system CPU s/GiB over direct |");
+        }
+    }
+    s.push_str("\n|---|");
+    for k in &keys {
+        s.push_str("---:|");
+        if *k == "cpu_sys_s_per_gib" {
+            s.push_str("---:|");
+        }
+    }
+    s.push('\n');
+    for r in &p.rows {
+        let name = if r.engine.is_empty() || r.name.ends_with(&r.engine) {
+            r.name.clone()
+        } else {
+            format!("{} (→ {})", r.name, r.engine)
+        };
+        if let Some(e) = &r.error {
+            let _ = writeln!(
+                s,
+                "| {name} | cannot run: {} |{}",
+                e.replace('|', "/"),
+                " |".repeat(keys.len())
+            );
+            continue;
+        }
+        let _ = write!(s, "| {name} |");
+        for k in &keys {
+            let _ = write!(s, " {} |", cell(r, k));
+            if *k == "cpu_sys_s_per_gib" {
+                let v = sys_over_direct(p, r)
+                    .map(|v| fmt("cpu", v))
+                    .unwrap_or("–".into());
+                let _ = write!(s, " {v} |");
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+const RATIO_KEYS: &[&str] = &[
+    "lat64_p50_us",
+    "lat64_p99_us",
+    "lat16k_p50_us",
+    "tput1_gbps",
+    "tput8_gbps",
+    "conn_per_s",
+    "cpu_sys_s_per_gib",
+];
+
+/// Each row's median divided by direct's and by HAProxy's.
+pub fn ratios(p: &PassResult) -> String {
+    let mut s = String::from("| row |");
+    for k in RATIO_KEYS {
+        let _ = write!(s, " {} ÷ direct / ÷ HAProxy |", figure(k).label);
+    }
+    s.push_str(" system CPU over direct ÷ HAProxy's |\n|---|");
+    s.push_str(&"---:|".repeat(RATIO_KEYS.len() + 1));
+    s.push('\n');
+    let d = p.row("direct");
+    let h = p.row("haproxy");
+    for r in p.rows.iter().filter(|r| r.error.is_none()) {
+        let _ = write!(s, "| {} |", r.name);
+        for k in RATIO_KEYS {
+            let q = |b: Option<&RowResult>| match (r.median(k), b.and_then(|b| b.median(k))) {
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}×", a / b),
+                _ => "–".into(),
+            };
+            let _ = write!(s, " {} / {} |", q(d), q(h));
+        }
+        let v = match (sys_over_direct(p, r), h.and_then(|h| sys_over_direct(p, h))) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+            _ => "–".into(),
+        };
+        let _ = writeln!(s, " {v} |");
+    }
+    s
+}
+
+/// Spread, (max − min) / median over the rounds, for every figure.
+pub fn spread(p: &PassResult) -> String {
+    let mut s = String::from("| row |");
+    for f in FIGURES {
+        let _ = write!(s, " {} |", f.label);
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(FIGURES.len()));
+    s.push('\n');
+    for r in p.rows.iter().filter(|r| r.error.is_none()) {
+        let _ = write!(s, "| {} |", r.name);
+        for f in FIGURES {
+            let v = r
+                .figures
+                .get(f.key)
+                .map(|st| format!("{:.0}%", st.spread() * 100.0))
+                .unwrap_or("–".into());
+            let _ = write!(s, " {v} |");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// A goal's verdict line.
+pub struct Goal {
+    pub goal: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+fn engines(p: &PassResult) -> Vec<&RowResult> {
+    p.rows
+        .iter()
+        .filter(|r| {
+            r.name.starts_with("ambassador ") && !r.name.ends_with(" auto") && r.error.is_none()
+        })
+        .collect()
+}
+
+/// The best engine for `key` (by its direction) and its median.
+fn best<'a>(p: &'a PassResult, key: &str) -> Option<(&'a RowResult, f64)> {
+    let hib = figure(key).higher_is_better;
+    engines(p)
+        .into_iter()
+        .filter_map(|r| Some((r, r.median(key)?)))
+        .max_by(|a, b| {
+            if hib {
+                a.1.total_cmp(&b.1)
+            } else {
+                b.1.total_cmp(&a.1)
+            }
+        })
+}
+
+fn short(r: &RowResult) -> &str {
+    r.name.trim_start_matches("ambassador ")
+}
+
+pub fn goals(p: &PassResult) -> Vec<Goal> {
+    let mut g = Vec::new();
+    let d = |k: &str| p.row("direct").and_then(|r| r.median(k));
+    let h = |k: &str| p.row("haproxy").and_then(|r| r.median(k));
+    let na = |goal: String| Goal {
+        goal,
+        measured: "no engine ran, or its baseline is missing".into(),
+        met: None,
+    };
+    for k in ["lat64_p50_us", "lat16k_p50_us"] {
+        let goal = format!("best engine {} ≤ direct + 3 µs", figure(k).label);
+        match (best(p, k), d(k)) {
+            (Some((r, v)), Some(dv)) => g.push(Goal {
+                measured: format!(
+                    "{} {:.1} µs vs direct {:.1} + 3 = {:.1} µs ({:+.1} µs)",
+                    short(r),
+                    v,
+                    dv,
+                    dv + 3.0,
+                    v - dv
+                ),
+                met: Some(v <= dv + 3.0),
+                goal,
+            }),
+            _ => g.push(na(goal)),
+        }
+    }
+    for k in ["tput1_gbps", "tput8_gbps"] {
+        let goal = format!("best engine {} ≥ 0.8× direct", figure(k).label);
+        match (best(p, k), d(k)) {
+            (Some((r, v)), Some(dv)) => g.push(Goal {
+                measured: format!("{} {:.2} vs direct {:.2}: {:.2}×", short(r), v, dv, v / dv),
+                met: Some(v >= 0.8 * dv),
+                goal,
+            }),
+            _ => g.push(na(goal)),
+        }
+    }
+    {
+        let goal = "best engine system CPU s/GiB over direct ≤ 0.7× HAProxy's".to_string();
+        let hv = p.row("haproxy").and_then(|hr| sys_over_direct(p, hr));
+        let b = engines(p)
+            .into_iter()
+            .filter_map(|r| Some((r, sys_over_direct(p, r)?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        match (b, hv) {
+            (Some((r, v)), Some(hv)) if hv > 0.0 => g.push(Goal {
+                measured: format!("{} {:.3} vs HAProxy {:.3}: {:.2}×", short(r), v, hv, v / hv),
+                met: Some(v <= 0.7 * hv),
+                goal,
+            }),
+            _ => g.push(na(goal)),
+        }
+    }
+    {
+        let k = "conn_per_s";
+        let goal = "best engine conn/s ≥ 1.2× HAProxy's".to_string();
+        match (best(p, k), h(k)) {
+            (Some((r, v)), Some(hv)) => g.push(Goal {
+                measured: format!("{} {:.0} vs HAProxy {:.0}: {:.2}×", short(r), v, hv, v / hv),
+                met: Some(v >= 1.2 * hv),
+                goal,
+            }),
+            _ => g.push(na(goal)),
+        }
+    }
+    // Every engine at least HAProxy on latency, throughput, connection rate.
+    {
+        let keys = [
+            "lat64_p50_us",
+            "lat16k_p50_us",
+            "tput1_gbps",
+            "tput8_gbps",
+            "conn_per_s",
+        ];
+        let mut worse = Vec::new();
+        let es = engines(p);
+        for r in &es {
+            for k in keys {
+                if let (Some(v), Some(hv)) = (r.median(k), h(k)) {
+                    let ok = if figure(k).higher_is_better {
+                        v >= hv
+                    } else {
+                        v <= hv
+                    };
+                    if !ok {
+                        worse.push(format!(
+                            "{} {} {} vs {}",
+                            short(r),
+                            figure(k).label,
+                            fmt(k, v),
+                            fmt(k, hv)
+                        ));
+                    }
+                }
+            }
+        }
+        let goal = "every engine ≥ HAProxy on p50 latency, throughput, conn/s".to_string();
+        if es.is_empty() || h("lat64_p50_us").is_none() {
+            g.push(na(goal));
+        } else {
+            g.push(Goal {
+                measured: if worse.is_empty() {
+                    "all engines at least HAProxy".into()
+                } else {
+                    format!("worse: {}", worse.join("; "))
+                },
+                met: Some(worse.is_empty()),
+                goal,
+            });
+        }
+    }
+    // auto within 5% of the best engine, per workload.
+    {
+        let keys = [
+            "lat64_p50_us",
+            "lat16k_p50_us",
+            "tput1_gbps",
+            "tput8_gbps",
+            "conn_per_s",
+        ];
+        let auto = p
+            .rows
+            .iter()
+            .find(|r| r.name == "ambassador auto" && r.error.is_none());
+        let goal = "auto within 5% of the best engine, each workload".to_string();
+        match auto {
+            Some(a) if !engines(p).is_empty() => {
+                let mut parts = Vec::new();
+                let mut ok = true;
+                for k in keys {
+                    if let (Some(av), Some((r, bv))) = (a.median(k), best(p, k)) {
+                        let rel = if figure(k).higher_is_better {
+                            av / bv
+                        } else {
+                            bv / av
+                        };
+                        ok &= rel >= 0.95;
+                        parts.push(format!(
+                            "{} {:.0}% of {}",
+                            figure(k).label,
+                            rel * 100.0,
+                            short(r)
+                        ));
+                    }
+                }
+                g.push(Goal {
+                    measured: format!("auto ran {}: {}", a.engine, parts.join("; ")),
+                    met: Some(ok),
+                    goal,
+                });
+            }
+            _ => g.push(na(goal)),
+        }
+    }
+    g
+}
+
+pub fn goals_table(p: &PassResult) -> String {
+    let mut s = String::from("| goal | measured | verdict |\n|---|---|---|\n");
+    for g in goals(p) {
+        let v = match g.met {
+            Some(true) => "met",
+            Some(false) => "**MISSED**",
+            None => "not measured",
+        };
+        let _ = writeln!(s, "| {} | {} | {v} |", g.goal, g.measured);
+    }
+    s
+}
+
+/// Row notes: figure errors, idle connection counts, wrk errors.
+pub fn notes(p: &PassResult) -> String {
+    let mut s = String::new();
+    for r in &p.rows {
+        for (k, e) in &r.figure_errors {
+            let _ = writeln!(
+                s,
+                "- ¹ {} / {}: {}",
+                r.name,
+                figure(k).label,
+                e.replace('|', "/")
+            );
+        }
+        if r.error.is_none() && r.idle_conns != 0 && r.idle_conns != p.idle_conns_target {
+            let _ = writeln!(
+                s,
+                "- {}: idle figures at {} connections (its limit), not {}.",
+                r.name, r.idle_conns, p.idle_conns_target
+            );
+        }
+        if let (Some(pct), Some(fb)) = (r.median("spliced_pct"), r.median("splice_fallbacks")) {
+            let _ = writeln!(
+                s,
+                "- {}: its own stats say {pct:.1}% of the bytes it moved were spliced in the kernel, and \
+                 {fb:.0} connection(s) fell back to copying in userspace (median over rounds).",
+                r.name
+            );
+        }
+        if let Some(m) = r.median("bpf_maps_mib") {
+            let _ = writeln!(
+                s,
+                "- {}: its BPF maps hold {m:.1} MiB of kernel memory (memlock, preallocated for the maps' \
+                 capacity): a fixed cost, not in the per-connection figures.",
+                r.name
+            );
+        }
+        if r.conn_errors > 0 {
+            let _ = writeln!(
+                s,
+                "- {}: wrk counted {} socket errors / non-2xx over the rounds.",
+                r.name, r.conn_errors
+            );
+        }
+    }
+    s
+}
+
+pub fn markdown(p: &PassResult, plots: &[String]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# ambassador benchmark: {} pass, {}\n", p.pass, p.date);
+    let _ = writeln!(
+        s,
+        "Mode `{}`: {} round(s), {} s per figure, rows alternating figure by figure within each round; \
+         medians over rounds. Proxy on CPU {}, client and servers on CPU {}. Started {}.\n",
+        p.mode, p.rounds, p.seconds_per_figure, p.proxy_cpu, p.client_server_cpu, p.started_utc
+    );
+    let _ = writeln!(
+        s,
+        "Machine: kernel {}, {} × {}.\n",
+        p.kernel, p.cpus, p.cpu_model
+    );
+    s.push_str("Versions:\n");
+    for (k, v) in &p.versions {
+        let _ = writeln!(s, "- {k}: {v}");
+    }
+    let _ = writeln!(
+        s,
+        "\nLatency is sockperf ping-pong round trip (`--full-rtt`). Throughput is iperf3 client→server. \
+         Connection rate is wrk (1 thread, 32 connections, `Connection: close`) against a one-worker nginx \
+         serving 3 bytes. CPU s/GiB comes from the 1-stream iperf3 run: proxy = the proxy's own \
+         utime+stime (+ reaped children); system = the CPU time of every process of the test (client, \
+         servers, proxy) plus every kernel thread (softirq, kworkers: where sockmap's work runs); \
+         \"over direct\" subtracts direct's figure. (The /proc/stat machine-wide figure is kept in the \
+         JSON as `cpu_stat_s_per_gib`, but this VM is shared and other tenants fill any CPU we leave idle, \
+         so it cannot be trusted here.) RSS is after the load figures. Idle: {} connections held open \
+         (fewer where a row caps them; 0 = not measured in this pass: memory does not depend on \
+         where the proxy runs, so the cross-core pass leaves it to the same-core one); proxy = PSS delta, \
+         kernel = slab + kernel stacks + page tables + TCP buffer delta, per connection, client and server \
+         sockets included (direct's row is that baseline). Machine busy rate before each round (CPUs, \
+         other tenants included): {}.\n",
+        p.idle_conns_target,
+        p.background_busy
+            .iter()
+            .map(|b| format!("{b:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    s.push_str("## Medians\n\n");
+    s.push_str(&table(p));
+    s.push_str("\n## Ratios (to direct / to HAProxy)\n\n");
+    s.push_str(&ratios(p));
+    s.push_str("\n## Goals\n\n");
+    s.push_str(&goals_table(p));
+    if p.rounds > 1 {
+        s.push_str("\n## Spread ((max − min) / median over rounds)\n\n");
+        s.push_str(&spread(p));
+    }
+    let n = notes(p);
+    if !n.is_empty() {
+        s.push_str("\n## Notes\n\n");
+        s.push_str(&n);
+    }
+    if !plots.is_empty() {
+        s.push_str("\n## Plots\n\n");
+        for pl in plots {
+            let _ = writeln!(s, "![{pl}]({pl})");
+        }
+    }
+    s
+}

@@ -1,0 +1,192 @@
+//! The backends every row forwards to, started once per pass on the client CPU:
+//! sockperf (latency), iperf3 (throughput), a one-worker nginx serving a 3-byte
+//! file (connection rate), and our own idle server (idle connections).
+
+use crate::sys::{self, Proc};
+use anyhow::{Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct Servers {
+    pub sockperf: u16,
+    pub iperf: u16,
+    pub http: u16,
+    pub idle: IdleServer,
+    _procs: Vec<Proc>,
+}
+
+impl Servers {
+    pub fn start(cpu: u32, dir: &Path) -> Result<Servers> {
+        let (sockperf, iperf, http) = (sys::free_port()?, sys::free_port()?, sys::free_port()?);
+        let mut sp = Proc::spawn(
+            "sockperf server",
+            Some(cpu),
+            "sockperf",
+            &[
+                "server",
+                "--tcp",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &sockperf.to_string(),
+            ]
+            .map(String::from),
+        )?;
+        sp.wait_ports(&[sockperf], Duration::from_secs(5))?;
+        let mut ip = Proc::spawn(
+            "iperf3 server",
+            Some(cpu),
+            "iperf3",
+            &["-s", "-B", "127.0.0.1", "-p", &iperf.to_string()].map(String::from),
+        )?;
+        // (iperf3 treats a bare connect as an aborted test and keeps serving.)
+        ip.wait_ports(&[iperf], Duration::from_secs(5))?;
+        let ng = http_server(cpu, http, dir)?;
+        let idle = IdleServer::start(cpu)?;
+        Ok(Servers {
+            sockperf,
+            iperf,
+            http,
+            idle,
+            _procs: vec![sp, ip, ng],
+        })
+    }
+
+    /// CPU seconds of the backend servers (all their process groups).
+    pub fn cpu_secs(&self) -> f64 {
+        self._procs
+            .iter()
+            .map(|p| sys::group_cpu_secs(p.pid()))
+            .sum::<f64>()
+            + sys::group_cpu_secs(self.idle.child.id() as i32)
+    }
+
+    /// Backend ports in forward order.
+    pub fn ports(&self) -> [u16; 4] {
+        [self.sockperf, self.iperf, self.http, self.idle.port]
+    }
+}
+
+/// nginx, one worker, serving `/x` (3 bytes) with access log off.
+fn http_server(cpu: u32, port: u16, dir: &Path) -> Result<Proc> {
+    let prefix = dir.join("nginx-http");
+    std::fs::create_dir_all(prefix.join("www"))?;
+    std::fs::write(prefix.join("www/x"), "ok\n")?;
+    let p = prefix.display();
+    let c = format!(
+        "worker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\npid {p}/nginx.pid;\n\
+         error_log {p}/error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  \
+         client_body_temp_path {p}/cb; proxy_temp_path {p}/pt; fastcgi_temp_path {p}/ft;\n  \
+         uwsgi_temp_path {p}/ut; scgi_temp_path {p}/st;\n  \
+         server {{ listen 127.0.0.1:{port} backlog=4096; root {p}/www; }}\n}}\n"
+    );
+    let cfg = prefix.join("nginx.conf");
+    std::fs::write(&cfg, c)?;
+    let args = [
+        "-p",
+        &p.to_string(),
+        "-e",
+        &format!("{p}/error.log"),
+        "-c",
+        &cfg.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut pr = Proc::spawn("nginx http", Some(cpu), "nginx", &args)?;
+    pr.wait_ports(&[port], Duration::from_secs(5))?;
+    Ok(pr)
+}
+
+/// Our idle server in its own process (its 10,000 sockets need their own
+/// RLIMIT_NOFILE budget): accepts and holds connections; on stdin `count` it
+/// prints how many it holds, on `reset` it closes them all.
+pub struct IdleServer {
+    pub port: u16,
+    pub(crate) child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl IdleServer {
+    fn start(cpu: u32) -> Result<IdleServer> {
+        let me = std::env::current_exe()?;
+        let mut child = Command::new("taskset")
+            .arg("-c")
+            .arg(cpu.to_string())
+            .arg(me)
+            .arg("idle-server")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting idle server")?;
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut l = String::new();
+        stdout.read_line(&mut l)?;
+        let port = l.trim().parse().context("idle server port")?;
+        Ok(IdleServer {
+            port,
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    fn ask(&mut self, cmd: &str) -> Result<usize> {
+        writeln!(self.stdin, "{cmd}")?;
+        let mut l = String::new();
+        self.stdout.read_line(&mut l)?;
+        Ok(l.trim().parse()?)
+    }
+    pub fn count(&mut self) -> Result<usize> {
+        self.ask("count")
+    }
+    pub fn reset(&mut self) -> Result<usize> {
+        self.ask("reset")
+    }
+}
+
+impl Drop for IdleServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The idle server's own main (hidden subcommand `idle-server`).
+pub fn idle_server_main() -> Result<()> {
+    sys::raise_nofile();
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    // std listens with a backlog of 128; widen it so a burst of connects through
+    // a proxy is not dropped and retried after a second.
+    // Safety: listen(2) on a socket we own, already listening: only the backlog changes.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    println!("{}", l.local_addr()?.port());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h2 = held.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            h2.lock().unwrap().push(s);
+        }
+    });
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let n = match line.trim() {
+            "reset" => {
+                held.lock().unwrap().clear();
+                0
+            }
+            _ => held.lock().unwrap().len(),
+        };
+        writeln!(out, "{n}")?;
+        out.flush()?;
+    }
+    Ok(())
+}

@@ -227,6 +227,37 @@ fn sigterm_drains(mode: &str) {
     assert_eq!(p.wait_exit(10), Some(0), "{}", p.log());
 }
 
+/// `--drain-timeout`: a connection that never finishes is closed when the
+/// drain time is up, and the process still exits 0.
+fn drain_timeout(mode: &str) {
+    let echo = echo_server();
+    let mut p = Proxy::forward(
+        mode,
+        &format!("127.0.0.1:{echo}"),
+        &["--drain-timeout", "500ms"],
+    );
+    let mut c = p.connect();
+    c.write_all(b"still here").unwrap();
+    let mut b = [0u8; 10];
+    c.read_exact(&mut b).unwrap();
+    let t = Instant::now();
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(10), Some(0), "{}", p.log());
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "waited for the drain"
+    );
+    assert!(
+        p.log().contains("drain timeout: closing live connections"),
+        "{}",
+        p.log()
+    );
+    assert!(
+        matches!(c.read(&mut b), Ok(0) | Err(_)),
+        "connection closed at exit"
+    );
+}
+
 /// `--max-conns 2`: the third client waits in the backlog (not reset) until
 /// a slot frees, then gets through.
 fn max_conns(mode: &str) {
@@ -348,6 +379,10 @@ macro_rules! engine_suite {
             #[test]
             fn sigterm_drains() {
                 super::sigterm_drains(MODE)
+            }
+            #[test]
+            fn drain_timeout() {
+                super::drain_timeout(MODE)
             }
             #[test]
             fn max_conns() {

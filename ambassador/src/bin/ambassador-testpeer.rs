@@ -659,6 +659,9 @@ fn start_ambassador(
 ) -> Res<(Running, Option<String>, Option<ExitStatus>)> {
     let mut cmd = Command::new(bin);
     cmd.arg("--mode").arg(cell.mode);
+    // Splice every connection (the default `adaptive` policy would leave
+    // these short checks in userspace): the matrix proves the kernel path.
+    cmd.args(["--splice", "always"]);
     for (p, up) in forwards {
         cmd.arg("--forward").arg(format!("127.0.0.1:{p}={up}"));
     }

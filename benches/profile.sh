@@ -7,7 +7,8 @@
 #   benches/profile.sh <mode> <workload> [seconds]
 #     mode:     sockmap | uring | epoll | haproxy | direct
 #     workload: tput1 | lat64 | conn | accept
-#   AMBASSADOR_BIN (default target/release/ambassador), OUT (default /tmp/amb-profile)
+#   AMBASSADOR_BIN (default target/release/ambassador), OUT (default /tmp/amb-profile),
+#   AMB_ARGS (more ambassador flags, e.g. "--splice always")
 #
 # Needs linux-perf (apt-get install linux-perf), sockperf, iperf3, wrk, nginx, haproxy.
 set -euo pipefail
@@ -47,7 +48,8 @@ case $MODE in
   haproxy)
     printf 'global\n  nbthread 1\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\nlisten f\n  bind 127.0.0.1:%s\n  server s 127.0.0.1:%s\n' "$L" "$S" > "$OUT/haproxy.cfg"
     start haproxy -db -f "$OUT/haproxy.cfg" ;;
-  *) start "$BIN" --mode "$MODE" --forward "127.0.0.1:$L=127.0.0.1:$S" ;;
+  # shellcheck disable=SC2086 # AMB_ARGS is a list of flags
+  *) start "$BIN" --mode "$MODE" ${AMB_ARGS:-} --forward "127.0.0.1:$L=127.0.0.1:$S" ;;
 esac
 wait_port "$L"
 PROXY=${pids[-1]}
@@ -68,4 +70,8 @@ echo "== context switches on CPU 0 over 1 s"; grep -E "context|migr" "$OUT/stat.
 echo "== top by comm"; perf report -i "$OUT/perf.data" --no-children --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -12
 echo "== top symbols (comm, symbol; other tenants' processes show under their own comm)"
 perf report -i "$OUT/perf.data" --no-children --sort comm,sym --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -40
+if [ "$MODE" != direct ] && [ "$MODE" != haproxy ]; then
+  kill -USR1 "$PROXY" 2>/dev/null && sleep 0.3
+  echo "== the proxy's own stats line"; grep -o 'stats forward=.*' "$OUT/$(basename "$BIN").log" | tail -1
+fi
 echo "(perf.data in $OUT; proxy pgid $PROXY)"

@@ -441,6 +441,9 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
                                     fail(r, "cpu_proxy_s_per_gib", &e);
                                     fail(r, "cpu_sys_s_per_gib", &e);
                                 }
+                                servers
+                                    .restart_iperf()
+                                    .context("restarting the iperf3 server")?;
                             }
                         }
                         // iperf3's server needs a moment between tests.
@@ -528,8 +531,9 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
         for (i, row) in running.iter().enumerate() {
             let Some(row) = row else { continue };
             if let (Kind::Ambassador(_), Some(p)) = (&row.kind, row.procs.first()) {
-                if let Some((pct, fallbacks)) = splice_stats(p, ports.len()) {
-                    push(&mut res.rows[i], "spliced_pct", pct);
+                if let Some((moved, spliced, fallbacks)) = splice_stats(p, ports.len()) {
+                    push(&mut res.rows[i], "moved_mib", moved);
+                    push(&mut res.rows[i], "spliced_mib", spliced);
                     push(&mut res.rows[i], "splice_fallbacks", fallbacks);
                 }
             }
@@ -563,8 +567,8 @@ thread_local! {
 }
 
 /// Ask an ambassador for its `stats` lines (SIGUSR1) and sum the last one per
-/// forward: (percent of bytes spliced in the kernel, connections that fell back).
-fn splice_stats(p: &sys::Proc, forwards: usize) -> Option<(f64, f64)> {
+/// forward: (MiB it counts as moved, MiB spliced in the kernel, connections that fell back).
+fn splice_stats(p: &sys::Proc, forwards: usize) -> Option<(f64, f64, f64)> {
     let before = p.stderr.lock().unwrap().len();
     // Safety: signalling our own child.
     unsafe { libc::kill(p.pid(), libc::SIGUSR1) };
@@ -599,14 +603,10 @@ fn splice_stats(p: &sys::Proc, forwards: usize) -> Option<(f64, f64)> {
         spliced += field(l, "spliced_to_upstream") + field(l, "spliced_to_client");
         fallbacks += field(l, "splice_fallbacks");
     }
-    Some((
-        if bytes > 0.0 {
-            100.0 * spliced / bytes
-        } else {
-            0.0
-        },
-        fallbacks,
-    ))
+    // This binary's `bytes_to_*` count what userspace copied; spliced bytes are
+    // counted apart (a fully spliced run reports bytes_to_*=0).
+    let mib = (1u64 << 20) as f64;
+    Some(((bytes + spliced) / mib, spliced / mib, fallbacks))
 }
 
 fn push(r: &mut RowResult, key: &str, v: f64) {

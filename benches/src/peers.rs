@@ -52,7 +52,16 @@ impl Kind {
 
     pub fn all() -> Vec<Kind> {
         let mut v = vec![Kind::Direct, Kind::Socat, Kind::Haproxy, Kind::Nginx];
-        for e in ["sockmap", "uring", "epoll", "auto"] {
+        // The engines as users run them (defaults), then the in-kernel path
+        // forced on: `--splice adaptive` (the default) may copy a connection
+        // in userspace, and this row shows what splicing itself does.
+        for e in [
+            "sockmap",
+            "uring",
+            "epoll",
+            "auto",
+            "sockmap --splice always",
+        ] {
             v.push(Kind::Ambassador(e.into()));
         }
         v

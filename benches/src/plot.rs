@@ -144,7 +144,10 @@ fn row_names(p: &PassResult) -> Vec<String> {
     p.rows
         .iter()
         .map(|r| {
-            let n = r.name.trim_start_matches("ambassador ").to_string();
+            let n = r
+                .name
+                .trim_start_matches("ambassador ")
+                .replace(" --splice ", " ");
             if r.error.is_some() {
                 format!("{n} (cannot run)")
             } else {

@@ -50,11 +50,12 @@ pub fn table(p: &PassResult) -> String {
     }
     s.push('\n');
     for r in &p.rows {
-        let name = if r.engine.is_empty() || r.name.ends_with(&r.engine) {
-            r.name.clone()
-        } else {
-            format!("{} (→ {})", r.name, r.engine)
-        };
+        let name =
+            if r.engine.is_empty() || r.name.split_whitespace().nth(1) == Some(r.engine.as_str()) {
+                r.name.clone()
+            } else {
+                format!("{} (→ {})", r.name, r.engine)
+            };
         if let Some(e) = &r.error {
             let _ = writeln!(
                 s,
@@ -173,8 +174,10 @@ fn best<'a>(p: &'a PassResult, key: &str) -> Option<(&'a RowResult, f64)> {
         })
 }
 
-fn short(r: &RowResult) -> &str {
-    r.name.trim_start_matches("ambassador ")
+fn short(r: &RowResult) -> String {
+    r.name
+        .trim_start_matches("ambassador ")
+        .replace(" --splice always", " (splice always)")
 }
 
 pub fn goals(p: &PassResult) -> Vec<Goal> {
@@ -253,7 +256,11 @@ pub fn goals(p: &PassResult) -> Vec<Goal> {
             "conn_per_s",
         ];
         let mut worse = Vec::new();
-        let es = engines(p);
+        // Engines as users run them: not the forced `--splice always` row.
+        let es: Vec<&RowResult> = engines(p)
+            .into_iter()
+            .filter(|r| !r.name.contains(" --"))
+            .collect();
         for r in &es {
             for k in keys {
                 if let (Some(v), Some(hv)) = (r.median(k), h(k)) {
@@ -368,11 +375,29 @@ pub fn notes(p: &PassResult) -> String {
                 r.name, r.idle_conns, p.idle_conns_target
             );
         }
-        if let (Some(pct), Some(fb)) = (r.median("spliced_pct"), r.median("splice_fallbacks")) {
+        if r.engine == "sockmap"
+            && let Some(fb) = r.median("splice_fallbacks")
+        {
+            let said = match (
+                r.median("moved_mib"),
+                r.median("spliced_mib"),
+                r.median("spliced_pct"),
+            ) {
+                (Some(m), Some(sp), _) => format!(
+                    "{:.0}% of the bytes it moved were spliced in the kernel ({sp:.0} of {m:.0} MiB per round)",
+                    100.0 * sp / m.max(1e-9)
+                ),
+                // Older results stored spliced / bytes_to_* (userspace-copied bytes).
+                (_, _, Some(pct)) => format!(
+                    "{:.0}% of the bytes it moved were spliced in the kernel",
+                    100.0 * pct / (100.0 + pct)
+                ),
+                _ => "no byte counts".into(),
+            };
             let _ = writeln!(
                 s,
-                "- {}: its own stats say {pct:.1}% of the bytes it moved were spliced in the kernel, and \
-                 {fb:.0} connection(s) fell back to copying in userspace (median over rounds).",
+                "- {}: by its own `stats` lines, {said}; {fb:.0} connection(s) fell back to copying in \
+                 userspace (medians over rounds).",
                 r.name
             );
         }

@@ -18,6 +18,7 @@ pub struct Servers {
     pub http: u16,
     pub idle: IdleServer,
     _procs: Vec<Proc>,
+    cpu: u32,
 }
 
 impl Servers {
@@ -38,14 +39,7 @@ impl Servers {
             .map(String::from),
         )?;
         sp.wait_ports(&[sockperf], Duration::from_secs(5))?;
-        let mut ip = Proc::spawn(
-            "iperf3 server",
-            Some(cpu),
-            "iperf3",
-            &["-s", "-B", "127.0.0.1", "-p", &iperf.to_string()].map(String::from),
-        )?;
-        // (iperf3 treats a bare connect as an aborted test and keeps serving.)
-        ip.wait_ports(&[iperf], Duration::from_secs(5))?;
+        let ip = iperf_server(cpu, iperf)?;
         let ng = http_server(cpu, http, dir)?;
         let idle = IdleServer::start(cpu)?;
         Ok(Servers {
@@ -54,7 +48,17 @@ impl Servers {
             http,
             idle,
             _procs: vec![sp, ip, ng],
+            cpu,
         })
+    }
+
+    /// Start a fresh iperf3 server on the same port: after a test that hung
+    /// (its client killed at the time limit) the old one stays "busy running a
+    /// test" and would fail the next row's test too.
+    pub fn restart_iperf(&mut self) -> Result<()> {
+        drop(self._procs.remove(1)); // stops it and frees the port
+        self._procs.insert(1, iperf_server(self.cpu, self.iperf)?);
+        Ok(())
     }
 
     /// CPU seconds of the backend servers (all their process groups).
@@ -70,6 +74,18 @@ impl Servers {
     pub fn ports(&self) -> [u16; 4] {
         [self.sockperf, self.iperf, self.http, self.idle.port]
     }
+}
+
+fn iperf_server(cpu: u32, port: u16) -> Result<Proc> {
+    let mut ip = Proc::spawn(
+        "iperf3 server",
+        Some(cpu),
+        "iperf3",
+        &["-s", "-B", "127.0.0.1", "-p", &port.to_string()].map(String::from),
+    )?;
+    // (iperf3 treats a bare connect as an aborted test and keeps serving.)
+    ip.wait_ports(&[port], Duration::from_secs(5))?;
+    Ok(ip)
 }
 
 /// nginx, one worker, serving `/x` (3 bytes) with access log off.

@@ -36,7 +36,8 @@ pub struct Args {
     /// The CI smoke pass only (same as `smoke()`): 1 round, ~1 s per figure, scratch output.
     #[arg(long)]
     pub smoke: bool,
-    /// Only these rows, comma-separated (direct, socat, haproxy, nginx, sockmap, uring, epoll, auto).
+    /// Only these rows, comma-separated (direct, socat, haproxy, nginx, sockmap, uring, epoll, auto,
+    /// "sockmap --splice always").
     #[arg(long)]
     pub rows: Option<String>,
     /// Only these passes, comma-separated (same-core, cross-core).

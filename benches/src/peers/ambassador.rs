@@ -10,7 +10,10 @@ use std::time::Duration;
 
 pub fn start(bin: &Path, engine: &str, cpu: u32, fwds: &[Fwd]) -> Result<(Proc, String)> {
     anyhow::ensure!(bin.exists(), "binary not found: {}", bin.display());
-    let mut args = vec!["--mode".to_string(), engine.to_string()];
+    // `engine` is the mode, maybe followed by more flags ("sockmap --splice always").
+    let mut words = engine.split_whitespace().map(String::from);
+    let mut args = vec!["--mode".to_string(), words.next().unwrap_or_default()];
+    args.extend(words);
     for f in fwds {
         args.push("--forward".into());
         args.push(format!("127.0.0.1:{}=127.0.0.1:{}", f.listen, f.target));

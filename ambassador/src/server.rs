@@ -246,8 +246,11 @@ async fn handle(
     engine: &Engine,
 ) {
     let target = &forward.target;
-    let upstream = match tokio::time::timeout(settings.connect_timeout, connect(&forward.target))
-        .await
+    let (upstream, upstream_addr) = match tokio::time::timeout(
+        settings.connect_timeout,
+        connect(&forward.target),
+    )
+    .await
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -261,7 +264,6 @@ async fn handle(
             return;
         }
     };
-    let upstream_addr = upstream.peer_addr().unwrap_or(forward.listen);
     if settings.nodelay {
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
@@ -296,8 +298,9 @@ async fn handle(
 }
 
 /// Connect to the target, resolving a hostname now (so a moved name needs
-/// no restart) and trying each address in turn.
-async fn connect(target: &crate::config::Target) -> io::Result<TcpStream> {
+/// no restart) and trying each address in turn. Returns the address that
+/// answered.
+async fn connect(target: &crate::config::Target) -> io::Result<(TcpStream, SocketAddr)> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
@@ -308,7 +311,7 @@ async fn connect(target: &crate::config::Target) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
     for addr in addrs {
         match TcpStream::connect(addr).await {
-            Ok(s) => return Ok(s),
+            Ok(s) => return Ok((s, addr)),
             Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
         }
     }

@@ -114,6 +114,8 @@ struct Pause {
     /// Direction of the last read (0 = client→server), and turns seen.
     last_dir: Cell<u8>,
     turns: Cell<u32>,
+    /// Directions that have seen EOF.
+    eofs: Cell<u8>,
 }
 
 impl Pause {
@@ -154,6 +156,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         wake: Notify::new(),
         last_dir: Cell::new(1),
         turns: Cell::new(0),
+        eofs: Cell::new(0),
     };
     let (up, down) = (&stats.bytes_to_upstream, &stats.bytes_to_client);
     let both = async {
@@ -228,9 +231,15 @@ async fn copy(
         let mut buf = PooledBuf::take();
         let n = match src.try_read(&mut buf) {
             Ok(0) => {
-                // The peer will send no more: pass the FIN on. ENOTCONN means
-                // the other side is already gone, which its own direction reports.
-                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                // The peer will send no more: pass the FIN on, while the other
+                // direction still flows. (When this is the last direction, the
+                // close right after sends the FIN: save the system call.)
+                // ENOTCONN means the other side is already gone, which its own
+                // direction reports.
+                pause.eofs.set(pause.eofs.get() + 1);
+                if pause.eofs.get() < 2 {
+                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                }
                 return Ok(Step::Eof);
             }
             Ok(n) => n,

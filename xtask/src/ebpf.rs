@@ -97,6 +97,9 @@ fn build(target_dir: Option<&Path>) -> Result<PathBuf> {
     Ok(target_dir.join("bpfel-unknown-none/release/ambassador-ebpf"))
 }
 
+/// The bpf-linker release the committed object was built with.
+const BPF_LINKER: &str = "=0.13.0";
+
 /// LLVM dev packages, bpf-linker built against them, rust-src for nightly.
 fn install_toolchain() -> Result<()> {
     let llvm_pkgs = [format!("llvm-{LLVM}-dev"), format!("libpolly-{LLVM}-dev")];
@@ -106,6 +109,9 @@ fn install_toolchain() -> Result<()> {
         sh(Command::new("cargo").env("PATH", path).args([
             "install",
             "bpf-linker",
+            // Pinned: the committed object is compared byte for byte.
+            "--version",
+            BPF_LINKER,
             "--no-default-features",
             "--features",
             &format!("llvm-{LLVM}"),

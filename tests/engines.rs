@@ -215,6 +215,11 @@ fn sigterm_drains(mode: &str) {
         if i == 4 {
             p.signal(libc::SIGTERM);
             assert!(p.wait_log("draining", 5), "{}", p.log());
+            // The accept loops close their listeners right after that line.
+            let t = Instant::now();
+            while TcpStream::connect(p.addr()).is_ok() && t.elapsed() < Duration::from_secs(3) {
+                thread::sleep(Duration::from_millis(20));
+            }
             assert!(
                 TcpStream::connect(p.addr()).is_err(),
                 "listener closed after SIGTERM"

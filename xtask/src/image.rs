@@ -60,22 +60,8 @@ pub fn run(a: Args) -> Result<()> {
 /// Build the `ambassador` binary statically linked (release, symbols stripped) and return its
 /// path, `target/static/x86_64-unknown-linux-gnu/release/ambassador`.
 pub fn static_binary() -> Result<PathBuf> {
-    let root = root();
-    let target_dir = root.join("target/static");
-    util::run(
-        Command::new("cargo")
-            .current_dir(&root)
-            // An encoded flags variable inherited from an outer cargo would win over RUSTFLAGS.
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            // The workspace release profile keeps line tables (`debug = 1`) for perf work; the image
-            // does not want them (they are most of the file's size).
-            .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
-            .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
-            .args(["build", "--release", "--target", TARGET, "-p", "ambassador"])
-            .arg("--target-dir")
-            .arg(&target_dir),
-    )?;
+    let target_dir = root().join("target/static");
+    util::run(&mut static_cargo(&target_dir))?;
     let bin = target_dir.join(TARGET).join("release/ambassador");
     ensure!(
         is_static(&bin)?,
@@ -83,6 +69,25 @@ pub fn static_binary() -> Result<PathBuf> {
         bin.display()
     );
     Ok(bin)
+}
+
+/// `cargo build` of the `ambassador` package, statically linked, release, symbols stripped, into
+/// `target_dir`. Shared with the kernel matrix: cargo fingerprints these flags, so one set keeps
+/// the image and the qemu guests on one build.
+pub fn static_cargo(target_dir: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        // An encoded flags variable inherited from an outer cargo would win over RUSTFLAGS.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // The workspace release profile keeps line tables (`debug = 1`) for perf work; the image
+        // does not want them (they are most of the file's size).
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .args(["build", "--release", "--target", TARGET, "-p", "ambassador"])
+        .arg("--target-dir")
+        .arg(target_dir);
+    cmd
 }
 
 /// `docker build` the image from `Dockerfile` with `bin` as its only file; returns the image

@@ -165,27 +165,16 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Build both binaries statically (glibc, `+crt-static`) in `target/static`, so the guests need no
-/// libc of their own. The flags and profile overrides are exactly those of `image::static_binary`
-/// (keep them in sync): cargo fingerprints them, so any difference would rebuild every crate each
-/// time CI alternates between the image and the matrix.
+/// libc of their own, with exactly the image's build (`image::static_cargo`).
 fn build_static(root: &Path, ambassador: Option<&Path>) -> Result<initramfs::Binaries> {
-    const TARGET: &str = "x86_64-unknown-linux-gnu";
     let target_dir = root.join("target/static");
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
-        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
-        .args(["build", "--release", "--target", TARGET, "-p", "ambassador"])
-        .arg("--target-dir")
-        .arg(&target_dir);
+    let mut cmd = crate::image::static_cargo(&target_dir);
     match ambassador {
         Some(_) => cmd.args(["--bin", "ambassador-testpeer"]),
         None => cmd.arg("--bins"),
     };
     run_cmd(&mut cmd)?;
-    let out = target_dir.join(TARGET).join("release");
+    let out = target_dir.join(crate::image::TARGET).join("release");
     let amb = ambassador
         .map(Path::to_path_buf)
         .unwrap_or_else(|| out.join("ambassador"));

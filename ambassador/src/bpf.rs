@@ -293,6 +293,27 @@ impl Splicer {
         result
     }
 
+    /// Take a socket out of `VERDICT`: no verdict runs for its received
+    /// bytes any more. It stays in `PEERS` (as the destination of the other
+    /// direction) until [`Splicer::unlink`]; meanwhile its receive path is
+    /// not usable (reads return `EAGAIN` while bytes wait), so a connection
+    /// leaves the maps as a whole.
+    pub fn leave(&mut self, cookie: u64) -> io::Result<()> {
+        match self.verdict.remove(&cookie).map_err(map_io) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Take the socket keyed `cookie`'s peer out of `PEERS`. Once both
+    /// entries of a pair are gone the kernel drops both psocks and the
+    /// sockets are plain TCP sockets again. Only call it when every byte
+    /// redirected into either socket has left its psock queue (the drop
+    /// discards what is still queued).
+    pub fn unlink(&mut self, cookie: u64) {
+        let _ = self.peers.remove(&cookie);
+    }
+
     /// The kernel's counters for bytes received on `cookie`'s socket.
     pub fn stats(&self, cookie: u64) -> io::Result<DirStats> {
         self.stats.get(&cookie, 0).map_err(map_io)
@@ -496,11 +517,8 @@ pub fn kick(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-/// Bytes this socket has put into its send queue so far, as
-/// `tcpi_bytes_acked + SIOCOUTQ` (= `write_seq - ISN`, plus 1 for the SYN on
-/// the connecting side: use deltas). Read in that order, the sum can only
-/// under-count, never over-count: a drain check based on it is safe.
-pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
+/// `TCP_INFO` of a socket.
+fn tcp_info(fd: &impl AsRawFd) -> io::Result<libc::tcp_info> {
     // Safety: a zeroed `tcp_info` is a valid value; the kernel writes at
     // most `len` bytes into it.
     let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -518,13 +536,40 @@ pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(ti)
+}
+
+/// Bytes TCP has received in order on this socket since it was created
+/// (`tcpi_bytes_received`: each byte once, however often it was sent; a
+/// received FIN counts 1).
+pub fn bytes_received(fd: &impl AsRawFd) -> io::Result<u64> {
+    Ok(tcp_info(fd)?.tcpi_bytes_received)
+}
+
+/// `SIOCINQ`: bytes received but not yet read (only meaningful while the
+/// socket is in no sockmap).
+pub fn inq(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // Safety: SIOCINQ (= FIONREAD) writes one int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
+/// Bytes this socket has put into its send queue so far, as
+/// `tcpi_bytes_acked + SIOCOUTQ` (= `write_seq - ISN`, plus 1 for the SYN on
+/// the connecting side: use deltas). Read in that order, the sum can only
+/// under-count, never over-count: a drain check based on it is safe.
+pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.tcpi_bytes_acked;
     let mut outq: libc::c_int = 0;
     // Safety: SIOCOUTQ (= TIOCOUTQ) writes one int.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(ti.tcpi_bytes_acked + outq.max(0) as u64)
+    Ok(acked + outq.max(0) as u64)
 }
 
 /// `FIONREAD`: bytes readable now (only meaningful before the insert).

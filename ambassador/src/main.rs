@@ -1,8 +1,9 @@
 //! The `ambassador` binary: parse, log, pick an engine, bind, serve.
 //!
-//! Exit codes: 0 after a clean drain (or `--check`), 2 for bad input (one
-//! line naming the variable or flag), 1 when start-up fails (a listener
-//! cannot be bound, the requested engine cannot start).
+//! Exit codes: 0 after the drain (or `--check`), 2 for bad input (one line
+//! naming the variable or flag), 1 when start-up fails (a listener cannot be
+//! bound, the requested engine cannot start, capabilities cannot be
+//! dropped) or when a second SIGTERM/SIGINT cut the drain short.
 
 use ambassador::cli::Cli;
 use ambassador::config::LogFormat;
@@ -13,16 +14,17 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Non-UTF-8 variables cannot be link variables; skip them.
-    let vars = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-    let (settings, skipped) = match cli.settings(vars) {
+    let (settings, skipped) = match cli.settings(std::env::vars_os()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ambassador: error: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = ambassador::loops::check_startup(&settings.forwards) {
+        eprintln!("ambassador: error: {e}");
+        return ExitCode::from(2);
+    }
     if cli.check {
         print!("{}", ambassador::cli::table(&settings, &skipped));
         return ExitCode::SUCCESS;
@@ -48,7 +50,8 @@ fn main() -> ExitCode {
         }
     };
     match server::run(settings, engine, listeners) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(server::Stop::Drained | server::Stop::TimedOut) => ExitCode::SUCCESS,
+        Ok(server::Stop::Forced) => ExitCode::from(1),
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::from(1)

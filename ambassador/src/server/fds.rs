@@ -19,7 +19,11 @@
 //!
 //! While out of descriptors an accept loop retries after a back-off that
 //! doubles from 10 ms to 1 s. The process logs ONE warning when an episode
-//! starts and one `accepting again` line when it ends, not a line per try.
+//! starts and one `accepting again` line at the first accept after it, not
+//! a line per try. Descriptors come back one connection at a time, so right
+//! after resuming the process often runs out again; that is the same
+//! episode, which ends only once [`EPISODE_MARGIN`] descriptors beyond the
+//! next connection's are free again.
 
 use std::cell::Cell;
 use std::fs::File;
@@ -30,6 +34,9 @@ use std::time::Duration;
 /// First and longest wait before retrying while out of descriptors.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Free descriptors (beyond what the next connection needs) that end an
+/// out-of-descriptors episode.
+pub const EPISODE_MARGIN: usize = 16;
 
 /// Shared by every accept loop of the process (the descriptor table is the
 /// process's).
@@ -38,6 +45,8 @@ pub struct FdBudget {
     pending: Cell<usize>,
     /// An out-of-descriptors episode is going on (its warning was logged).
     exhausted: Cell<bool>,
+    /// This episode's `accepting again` line was logged.
+    resumed: Cell<bool>,
 }
 
 impl FdBudget {
@@ -46,6 +55,7 @@ impl FdBudget {
             spare: File::open("/dev/null")?,
             pending: Cell::new(0),
             exhausted: Cell::new(false),
+            resumed: Cell::new(false),
         }))
     }
 
@@ -70,6 +80,7 @@ impl FdBudget {
     /// warn if this starts an episode.
     pub fn exhausted(&self, forward: &str, why: &str) {
         if !self.exhausted.replace(true) {
+            self.resumed.set(false);
             let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                 .map(|(soft, _)| soft.to_string())
                 .unwrap_or_else(|_| "?".into());
@@ -83,10 +94,18 @@ impl FdBudget {
         }
     }
 
-    /// A connection was accepted: end the episode, if there was one.
+    /// A connection was accepted: say so once per episode, and end the
+    /// episode once there is room to spare again.
     pub fn accepted(&self, forward: &str) {
-        if self.exhausted.replace(false) {
+        if !self.exhausted.get() {
+            return;
+        }
+        if !self.resumed.replace(true) {
             tracing::info!(forward = %forward, "accepting again");
+        }
+        if self.room_for(2 + self.pending.get() + EPISODE_MARGIN) {
+            self.exhausted.set(false);
+            tracing::debug!("out-of-descriptors episode over");
         }
     }
 

@@ -31,15 +31,16 @@ const DROP_ORDER: [CapSet; 4] = [
 pub struct Dropped(pub Option<String>);
 
 /// Clear every capability set of this thread (the only thread at this
-/// point that serves connections), then verify the effective, permitted
-/// and ambient sets are empty. Err is one line for the operator.
+/// point that serves connections), then verify the effective and permitted
+/// sets are empty (the kernel keeps the ambient set inside the permitted
+/// one, so it is empty too). Err is one line for the operator.
 pub fn drop_all() -> Result<Dropped, String> {
     let before = read(CapSet::Effective)?;
     let held_permitted = read(CapSet::Permitted)?;
     for set in DROP_ORDER {
         caps::clear(None, set).map_err(|e| format!("cannot drop capabilities ({set:?}): {e}"))?;
     }
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Ambient] {
+    for set in [CapSet::Effective, CapSet::Permitted] {
         let left = read(set)?;
         if !left.is_empty() {
             return Err(format!(

@@ -374,43 +374,7 @@ async fn accept_loop(
             },
             None => None,
         };
-        let accepted = loop {
-            // The descriptor check runs right before each accept attempt
-            // (inside the same poll), so nothing can take the room it saw.
-            let attempt = std::future::poll_fn(|cx| {
-                if !shared.fds.room_for_one() {
-                    return Poll::Ready(Err(None));
-                }
-                listener.poll_accept(cx).map_err(Some)
-            });
-            let result = tokio::select! {
-                r = attempt => r,
-                _ = stop.changed() => break None,
-            };
-            let wait = match result {
-                Ok(c) => break Some(c),
-                Err(None) => {
-                    shared.fds.exhausted(
-                        &source,
-                        "no descriptors left for a client and its upstream socket",
-                    );
-                    backoff.next()
-                }
-                Err(Some(e)) if fds::is_fd_exhaustion(&e) => {
-                    shared.fds.exhausted(&source, &format!("accept: {e}"));
-                    backoff.next()
-                }
-                Err(Some(e)) => {
-                    // ENOBUFS, ENOMEM, ...: back off instead of spinning.
-                    tracing::warn!(forward = %source, error = %e, "accept failed");
-                    Duration::from_millis(100)
-                }
-            };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => break None,
-            }
-        };
+        let accepted = next_client(&listener, &shared.fds, &source, &mut backoff, &mut stop).await;
         let Some((client, client_addr)) = accepted else {
             break;
         };
@@ -438,6 +402,55 @@ async fn accept_loop(
         });
     }
     tracing::debug!(forward = %source, "stopped accepting");
+}
+
+/// The next client of `listener`, accepted only when there are descriptors
+/// for it and its upstream socket (see `server/fds.rs`); `None` once the
+/// drain starts.
+async fn next_client(
+    listener: &TcpListener,
+    budget: &FdBudget,
+    source: &str,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        // The descriptor check runs right before each accept attempt
+        // (inside the same poll), so nothing can take the room it saw.
+        let attempt = std::future::poll_fn(|cx| {
+            if !budget.room_for_one() {
+                return Poll::Ready(Err(None));
+            }
+            listener.poll_accept(cx).map_err(Some)
+        });
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = stop.changed() => return None,
+        };
+        let wait = match result {
+            Ok(c) => return Some(c),
+            Err(None) => {
+                budget.exhausted(
+                    source,
+                    "no descriptors left for a client and its upstream socket",
+                );
+                backoff.next()
+            }
+            Err(Some(e)) if fds::is_fd_exhaustion(&e) => {
+                budget.exhausted(source, &format!("accept: {e}"));
+                backoff.next()
+            }
+            Err(Some(e)) => {
+                // ENOBUFS, ENOMEM, ...: back off instead of spinning.
+                tracing::warn!(forward = %source, error = %e, "accept failed");
+                Duration::from_millis(100)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return None,
+        }
+    }
 }
 
 async fn handle(

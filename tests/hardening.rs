@@ -268,7 +268,7 @@ fn the_drain_timeout_resets_live_connections() {
         assert_eq!(p.wait_exit(20), Some(0), "{mode}: {}", p.log());
         assert!(
             p.log()
-                .contains("drain timeout: resetting live connections")
+                .contains("drain timeout: closing live connections with a reset")
         );
     }
 }

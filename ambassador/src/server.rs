@@ -314,7 +314,7 @@ async fn serve(
         Stop::TimedOut => {
             tracing::warn!(
                 active = active(),
-                "drain timeout: resetting live connections"
+                "drain timeout: closing live connections with a reset"
             );
         }
         Stop::Forced => {

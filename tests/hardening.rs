@@ -67,8 +67,10 @@ fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// The engines to run a per-engine test on: epoll and uring always (they
+/// are this file's subject), sockmap where it starts.
 fn engines() -> Vec<&'static str> {
-    ["epoll", "uring"]
+    ["epoll", "uring", "sockmap"]
         .into_iter()
         .filter(|m| support::engine_available(m))
         .collect()

@@ -13,6 +13,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    ignore_sighup();
     let cli = Cli::parse();
     let (settings, skipped) = match cli.settings(std::env::vars_os()) {
         Ok(s) => s,
@@ -80,4 +81,13 @@ fn raise_fd_limit() {
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+}
+
+/// SIGHUP must never kill the process, not even during start-up (loading
+/// the BPF program can take a while): ignore it until the server installs
+/// its handler, which logs it instead.
+fn ignore_sighup() {
+    // Safety: setting a signal's disposition to SIG_IGN runs no code of ours
+    // in signal context; no other thread exists yet.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
 }

@@ -135,21 +135,23 @@ fn a_forward_to_itself_is_refused_at_start_up() {
 
 #[test]
 fn a_loop_between_two_forwards_is_cut_after_one_hop() {
+    for mode in engines() {
+        loop_between_two_forwards(mode);
+    }
+}
+
+fn loop_between_two_forwards(mode: &str) {
     let echo = echo_server();
     let (a, b, c) = (free_port(), free_port(), free_port());
     let fa = format!("127.0.0.1:{a}=127.0.0.1:{b}");
     let fb = format!("127.0.0.1:{b}=127.0.0.1:{a}");
     let fc = format!("127.0.0.1:{c}=127.0.0.1:{echo}");
-    let cmd = ambassador(&[
-        "--mode",
-        "epoll",
-        "--forward",
-        &fa,
-        "--forward",
-        &fb,
-        "--forward",
-        &fc,
-    ]);
+    let mode_args: &[&str] = match mode {
+        "sockmap" => &["--mode", "sockmap", "--splice", "always"],
+        m => &["--mode", m],
+    };
+    let mut cmd = ambassador(mode_args);
+    cmd.args(["--forward", &fa, "--forward", &fb, "--forward", &fc]);
     let p = Proxy::spawn(cmd, c).expect("ready");
     let base_fds = p.fd_count();
     const N: u64 = 20;

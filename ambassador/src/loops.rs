@@ -12,8 +12,8 @@
 //!   now is not an error (it is resolved again for every connection). A
 //!   wildcard listener (`0.0.0.0:7000`) is reached through any local
 //!   address, so a target on any local address and the same port is a loop
-//!   too. Whether an address is local is decided by binding a UDP socket
-//!   to it, which the kernel allows only for its own addresses. Chains
+//!   too. The local addresses are loopback and the interfaces' addresses
+//!   (`getifaddrs(3)`, read once). Chains
 //!   between forwards (`A → B`, `B → real upstream`) are allowed; a cycle
 //!   between forwards is left to the run-time check.
 //!
@@ -33,7 +33,7 @@ use crate::config::{Forward, Host};
 use crate::metrics::ForwardStats;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +52,8 @@ pub fn check_startup(forwards: &[Forward]) -> Result<(), String> {
         })
         .collect();
     let resolved = resolve_bounded(&names, RESOLVE_BUDGET);
+    let interfaces = interface_addresses();
+    let is_local = |ip: IpAddr| ip.is_loopback() || ip.is_unspecified() || interfaces.contains(&ip);
     for f in forwards {
         let addrs = match &f.target.host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, f.target.port)],
@@ -95,10 +97,19 @@ fn is_localhost(name: &str) -> bool {
     n == "localhost" || n.ends_with(".localhost")
 }
 
-/// Is `ip` one of this host's addresses? Loopback always is; otherwise the
-/// kernel lets a socket bind only to a local address.
-fn is_local(ip: IpAddr) -> bool {
-    ip.is_loopback() || ip.is_unspecified() || UdpSocket::bind((ip, 0)).is_ok()
+/// The IP addresses of this host's interfaces (none if they cannot be
+/// read: the check then knows only loopback).
+fn interface_addresses() -> Vec<IpAddr> {
+    let Ok(list) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    list.filter_map(|i| {
+        let a = i.address?;
+        a.as_sockaddr_in()
+            .map(|v4| IpAddr::V4(v4.ip()))
+            .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+    })
+    .collect()
 }
 
 /// Resolve each (name, port) once, in parallel, waiting at most `budget`

@@ -67,8 +67,12 @@ pub fn check_startup(forwards: &[Forward]) -> Result<(), String> {
                 .unwrap_or_default(),
         };
         if let Some(hit) = loops_to_itself(f.listen, &addrs, is_local) {
+            let via = match &f.target.host {
+                Host::Name(_) => format!(" (resolves to {})", hit.ip()),
+                Host::Ip(_) => String::new(),
+            };
             return Err(format!(
-                "{}: the target {} ({hit}) is this forward's own listen address {}: \
+                "{}: the target {}{via} reaches this forward's own listener {}: \
                  it would connect to itself in a loop",
                 f.source, f.target, f.listen
             ));

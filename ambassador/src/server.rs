@@ -240,11 +240,11 @@ async fn serve(
         own: Rc::default(),
         live: RefCell::default(),
     });
-    let mut all_stats = Vec::new();
+    let mut all_stats = AllStats(Vec::new());
     for (forward, listener) in settings.forwards.iter().zip(listeners) {
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         let stats = Arc::new(ForwardStats::default());
-        all_stats.push((forward.source.clone(), stats.clone()));
+        all_stats.0.push((forward.source.clone(), stats.clone()));
         tracing::info!(
             forward = %forward.source,
             listen = %forward.listen,
@@ -268,34 +268,66 @@ async fn serve(
     }
     tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
 
-    let log_stats = || {
-        engine.refresh_stats();
-        for (source, s) in &all_stats {
-            s.log(source);
-        }
-    };
     loop {
         match signals.next().await {
             Asked::Stop => break,
-            Asked::Stats => log_stats(),
+            Asked::Stats => all_stats.log(&engine),
             Asked::Reload => reload(),
         }
     }
-
-    // Drain: stop accepting, wait for the live connections to finish.
     let _ = stop_tx.send(true);
-    let active = || {
-        all_stats
+    let stop = drain(&settings, &engine, &all_stats, &mut signals).await;
+    if stop != Stop::Drained {
+        shared.reset_all_live();
+        let _ = abort_tx.send(true);
+        if stop == Stop::TimedOut {
+            // Let the engines reset their connections (bounded: the
+            // process exits anyway, and the exit resets what is left).
+            let _ = tokio::time::timeout(ABORT_GRACE, all_stats.idle()).await;
+        }
+    }
+    all_stats.log(&engine);
+    tracing::info!("stopped");
+    Ok(stop)
+}
+
+/// Every forward's counters, for the drain and the `stats` lines.
+struct AllStats(Vec<(String, Arc<ForwardStats>)>);
+
+impl AllStats {
+    fn active(&self) -> u64 {
+        self.0
             .iter()
             .map(|(_, s)| s.conns_active.load(Relaxed))
-            .sum::<u64>()
-    };
-    tracing::info!(active = active(), drain_timeout = ?settings.drain_timeout, "draining");
-    let drained = async {
-        while active() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            .sum()
+    }
+
+    /// Resolves once no connection is live.
+    async fn idle(&self) {
+        while self.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    };
+    }
+
+    fn log(&self, engine: &Engine) {
+        engine.refresh_stats();
+        for (source, s) in &self.0 {
+            s.log(source);
+        }
+    }
+}
+
+/// The accept loops have stopped: wait for the live connections to finish,
+/// up to the drain timeout or a second stop signal, and say which it was.
+async fn drain(
+    settings: &Settings,
+    engine: &Engine,
+    all_stats: &AllStats,
+    signals: &mut Signals,
+) -> Stop {
+    let active = all_stats.active();
+    tracing::info!(active, drain_timeout = ?settings.drain_timeout, "draining");
+    let drained = all_stats.idle();
     let timeout = tokio::time::sleep(settings.drain_timeout);
     tokio::pin!(drained, timeout);
     let stop = loop {
@@ -304,43 +336,26 @@ async fn serve(
             () = &mut timeout => break Stop::TimedOut,
             asked = signals.next() => match asked {
                 Asked::Stop => break Stop::Forced,
-                Asked::Stats => log_stats(),
+                Asked::Stats => all_stats.log(engine),
                 Asked::Reload => reload(),
             },
         }
     };
+    let active = all_stats.active();
     match stop {
         Stop::Drained => {}
         Stop::TimedOut => {
             tracing::warn!(
-                active = active(),
+                active,
                 "drain timeout: closing live connections with a reset"
             );
         }
-        Stop::Forced => {
-            tracing::warn!(
-                active = active(),
-                "second stop signal: resetting live connections and exiting now (exit code 1)"
-            );
-        }
+        Stop::Forced => tracing::warn!(
+            active,
+            "second stop signal: resetting live connections and exiting now (exit code 1)"
+        ),
     }
-    if stop != Stop::Drained {
-        shared.reset_all_live();
-        let _ = abort_tx.send(true);
-        if stop == Stop::TimedOut {
-            // Let the engines reset their connections (bounded: the
-            // process exits anyway, and the exit resets what is left).
-            let _ = tokio::time::timeout(ABORT_GRACE, async {
-                while active() > 0 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await;
-        }
-    }
-    log_stats();
-    tracing::info!("stopped");
-    Ok(stop)
+    stop
 }
 
 /// SIGHUP: nothing to reload yet (no configuration file), but never exit.
@@ -490,6 +505,12 @@ async fn handle(
             return;
         }
     };
+    if Abort::current().is_raised() {
+        // Connected after the server gave up on live connections.
+        crate::engine::set_reset_on_close(&client);
+        crate::engine::set_reset_on_close(&upstream);
+        return;
+    }
     if settings.nodelay {
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);

@@ -18,9 +18,11 @@
 //!   between forwards is left to the run-time check.
 //!
 //! - **At run time** ([`OwnUpstreams`]): every upstream socket's local
-//!   address is recorded the moment `connect(2)` is issued, before the
-//!   handshake can complete, and forgotten when the socket closes. When an
-//!   accept loop accepts a client whose address is one of those, that
+//!   address and destination are recorded the moment `connect(2)` is
+//!   issued, before the handshake can complete, and forgotten when the
+//!   socket closes. When an accept loop accepts a client whose address is
+//!   one of those local addresses, and which arrived at that socket's
+//!   destination (the same TCP four-tuple: nothing else can have it), that
 //!   client is ourselves: it is reset at once, without connecting anywhere
 //!   (so the loop ends after one hop, whatever DNS said), an error is counted
 //!   on the forward that made the connection, and one warning is logged per
@@ -159,29 +161,43 @@ pub struct Origin {
 }
 
 struct Entry {
+    /// Where the socket connects to.
+    remote: SocketAddr,
     origin: Origin,
     looped: Rc<Cell<bool>>,
 }
 
-/// Local addresses of the upstream sockets this process has open.
+/// The upstream sockets this process has open, by local address. A local
+/// address alone does not identify a socket (the kernel gives the same
+/// ephemeral port to connections to different destinations), so a match
+/// also needs the other end: the accepted socket's own address must be the
+/// upstream socket's destination.
 #[derive(Default)]
 pub struct OwnUpstreams {
-    by_local: RefCell<HashMap<SocketAddr, Entry>>,
+    by_local: RefCell<HashMap<SocketAddr, Vec<Entry>>>,
 }
 
 impl OwnUpstreams {
-    /// Record an upstream socket as soon as its local address is known
-    /// (right after `connect(2)` is issued). Forgotten when the returned
-    /// guard is dropped, which must be when the socket is closed or later.
-    pub fn register(self: &Rc<Self>, local: SocketAddr, origin: Origin) -> Registration {
+    /// Record an upstream socket from `local` to `remote` as soon as its
+    /// local address is known (right after `connect(2)` is issued).
+    /// Forgotten when the returned guard is dropped, which must be when the
+    /// socket is closed or later.
+    pub fn register(
+        self: &Rc<Self>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        origin: Origin,
+    ) -> Registration {
         let looped = Rc::new(Cell::new(false));
-        self.by_local.borrow_mut().insert(
-            local,
-            Entry {
+        self.by_local
+            .borrow_mut()
+            .entry(local)
+            .or_default()
+            .push(Entry {
+                remote,
                 origin,
                 looped: looped.clone(),
-            },
-        );
+            });
         Registration {
             own: self.clone(),
             local,
@@ -189,12 +205,22 @@ impl OwnUpstreams {
         }
     }
 
-    /// An accepted client from `peer`: if that is one of our own upstream
-    /// sockets, mark it looped, count the error on its forward, warn once
-    /// per episode, and return true (the caller resets the client).
-    pub fn is_own(&self, peer: SocketAddr, listener: &str) -> bool {
+    /// Might a client from `peer` be one of our own upstream sockets? (A
+    /// cheap first test, before asking the accepted socket its address.)
+    pub fn may_be_own(&self, peer: SocketAddr) -> bool {
+        self.by_local.borrow().contains_key(&peer)
+    }
+
+    /// An accepted client from `peer` to our address `local`: if that is
+    /// one of our own upstream sockets, mark it looped, count the error on
+    /// its forward, warn once per episode, and return true (the caller
+    /// resets the client).
+    pub fn is_own(&self, peer: SocketAddr, local: SocketAddr, listener: &str) -> bool {
         let map = self.by_local.borrow();
-        let Some(e) = map.get(&peer) else {
+        let Some(e) = map
+            .get(&peer)
+            .and_then(|v| v.iter().find(|e| reaches(e.remote, local)))
+        else {
             return false;
         };
         e.looped.set(true);
@@ -209,6 +235,12 @@ impl OwnUpstreams {
         }
         true
     }
+}
+
+/// Does a connection to `remote` arrive at our address `local`? (A
+/// connection to 0.0.0.0:P arrives at a loopback address, port P.)
+fn reaches(remote: SocketAddr, local: SocketAddr) -> bool {
+    remote == local || (remote.ip().is_unspecified() && remote.port() == local.port())
 }
 
 /// One registered upstream socket; unregisters on drop.
@@ -227,7 +259,13 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.own.by_local.borrow_mut().remove(&self.local);
+        let mut map = self.own.by_local.borrow_mut();
+        if let Some(v) = map.get_mut(&self.local) {
+            v.retain(|e| !Rc::ptr_eq(&e.looped, &self.looped));
+            if v.is_empty() {
+                map.remove(&self.local);
+            }
+        }
     }
 }
 
@@ -252,6 +290,36 @@ mod tests {
         assert!(loops_to_itself(w, &[sa("10.9.9.9:7000")], local).is_none());
         assert!(loops_to_itself(w, &[sa("[::1]:7000")], local).is_none());
         assert!(loops_to_itself(sa("[::]:7000"), &[sa("[::1]:7000")], local).is_some());
+    }
+
+    #[test]
+    fn own_sockets_are_matched_by_both_ends() {
+        let own = Rc::new(OwnUpstreams::default());
+        let origin = Origin {
+            source: "A".into(),
+            stats: Arc::default(),
+            episode: Rc::default(),
+        };
+        let reg = own.register(sa("127.0.0.1:40000"), sa("127.0.0.1:7000"), origin.clone());
+        let other = own.register(sa("127.0.0.1:40000"), sa("127.0.0.1:9999"), origin.clone());
+        // A stranger that happens to have the same ephemeral port, to
+        // another of our listeners, is not us.
+        assert!(own.may_be_own(sa("127.0.0.1:40000")));
+        assert!(!own.is_own(sa("127.0.0.1:40000"), sa("127.0.0.1:7001"), "B"));
+        assert!(!reg.looped());
+        assert!(own.is_own(sa("127.0.0.1:40000"), sa("127.0.0.1:7000"), "B"));
+        assert!(reg.looped() && !other.looped());
+        assert_eq!(
+            origin
+                .stats
+                .errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        drop(reg);
+        assert!(!own.is_own(sa("127.0.0.1:40000"), sa("127.0.0.1:7000"), "B"));
+        drop(other);
+        assert!(!own.may_be_own(sa("127.0.0.1:40000")));
     }
 
     #[test]

@@ -402,7 +402,7 @@ async fn accept_loop(
         };
         backoff.reset();
         shared.fds.accepted(&source);
-        if shared.own.is_own(client_addr, &source) {
+        if is_own_connection(&shared.own, &client, client_addr, &source) {
             crate::engine::set_reset_on_close(&client);
             continue;
         }
@@ -465,6 +465,22 @@ async fn next_client(
             () = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return None,
         }
+    }
+}
+
+/// Is this accepted client one of our own upstream sockets (a loop)?
+fn is_own_connection(
+    own: &OwnUpstreams,
+    client: &std::net::TcpStream,
+    client_addr: SocketAddr,
+    source: &str,
+) -> bool {
+    if !own.may_be_own(client_addr) {
+        return false;
+    }
+    match client.local_addr() {
+        Ok(local) => own.is_own(client_addr, local, source),
+        Err(_) => false,
     }
 }
 
@@ -610,7 +626,7 @@ async fn connect_one(
         .map_err(plain)?
         .as_socket()
         .ok_or_else(|| plain(io::Error::other("upstream socket has no IP address")))?;
-    let registration = own.register(local, origin.clone());
+    let registration = own.register(local, addr, origin.clone());
     let stream = TcpStream::from_std(sock.into()).map_err(plain)?;
     let looped = |e| {
         let looped = registration.looped();

@@ -46,13 +46,15 @@ const RESOLVE_BUDGET: Duration = Duration::from_secs(1);
 /// Refuse a forward whose target is its own listen address. Err is the
 /// one-line message (exit code 2).
 pub fn check_startup(forwards: &[Forward]) -> Result<(), String> {
-    let names: Vec<(String, u16)> = forwards
+    let mut names: Vec<(String, u16)> = forwards
         .iter()
         .filter_map(|f| match &f.target.host {
             Host::Name(n) if !is_localhost(n) => Some((n.clone(), f.target.port)),
             _ => None,
         })
         .collect();
+    names.sort();
+    names.dedup();
     let resolved = resolve_bounded(&names, RESOLVE_BUDGET);
     let interfaces = interface_addresses();
     let is_local = |ip: IpAddr| ip.is_loopback() || ip.is_unspecified() || interfaces.contains(&ip);

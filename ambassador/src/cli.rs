@@ -9,6 +9,7 @@
 use crate::config::env::{self, Skipped};
 use crate::config::{Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
 use clap::Parser;
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -75,21 +76,27 @@ pub struct Cli {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-fn flag_duration(flag: &str, v: &str) -> Result<Duration, ConfigError> {
-    parse::duration(v).map_err(|e| ConfigError(format!("{flag}: {e}")))
+/// A duration flag's value; `zero_ok` says whether 0 means something.
+fn flag_duration(flag: &str, v: &str, zero_ok: bool) -> Result<Duration, ConfigError> {
+    let d = parse::duration(v).map_err(|e| ConfigError(format!("{flag}: {e}")))?;
+    if d.is_zero() && !zero_ok {
+        return Err(ConfigError(format!("{flag}: must be more than 0")));
+    }
+    Ok(d)
 }
 
 impl Cli {
-    /// Build [`Settings`] from the flags and the given environment.
-    /// Also returns the link variables that were skipped, for logging.
+    /// Build [`Settings`] from the flags and the given environment (as
+    /// `std::env::vars_os()` gives it). Also returns the link variables that
+    /// were skipped, for logging.
     pub fn settings(
         &self,
-        vars: impl IntoIterator<Item = (String, String)>,
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
     ) -> Result<(Settings, Vec<Skipped>), ConfigError> {
         let mut forwards = Vec::new();
         let mut skipped = Vec::new();
         if !self.no_env {
-            let scan = env::scan(vars).map_err(ConfigError)?;
+            let scan = env::scan_os(vars).map_err(ConfigError)?;
             forwards.extend(scan.forwards);
             skipped = scan.skipped;
         }
@@ -147,18 +154,16 @@ impl Cli {
             mode: self.mode,
             splice: self.splice,
             nodelay: !self.no_nodelay,
-            connect_timeout: flag_duration("--connect-timeout", &self.connect_timeout)?,
+            connect_timeout: flag_duration("--connect-timeout", &self.connect_timeout, false)?,
             idle_timeout: self
                 .idle_timeout
                 .as_deref()
-                .map(|v| flag_duration("--idle-timeout", v))
+                .map(|v| flag_duration("--idle-timeout", v, false))
                 .transpose()?,
             max_conns: self.max_conns,
-            drain_timeout: flag_duration("--drain-timeout", &self.drain_timeout)?,
+            // 0: on SIGTERM, reset every live connection at once.
+            drain_timeout: flag_duration("--drain-timeout", &self.drain_timeout, true)?,
         };
-        if settings.connect_timeout.is_zero() {
-            return Err(ConfigError("--connect-timeout: must be more than 0".into()));
-        }
         Ok((settings, skipped))
     }
 }

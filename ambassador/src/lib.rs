@@ -15,11 +15,14 @@
 //! - [`bpf`]: loading the eBPF program and talking to its maps.
 //! - [`metrics`]: per-forward counters.
 //! - [`caps`]: dropping capabilities after start-up.
+//! - [`loops`]: refusing forwards that point at the ambassador itself, at
+//!   start-up and at run time.
 
 pub mod bpf;
 pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod loops;
 pub mod metrics;
 pub mod server;

@@ -1,8 +1,9 @@
 //! The `ambassador` binary: parse, log, pick an engine, bind, serve.
 //!
-//! Exit codes: 0 after a clean drain (or `--check`), 2 for bad input (one
-//! line naming the variable or flag), 1 when start-up fails (a listener
-//! cannot be bound, the requested engine cannot start).
+//! Exit codes: 0 after the drain (or `--check`), 2 for bad input (one line
+//! naming the variable or flag), 1 when start-up fails (a listener cannot be
+//! bound, the requested engine cannot start, capabilities cannot be
+//! dropped) or when a second SIGTERM/SIGINT cut the drain short.
 
 use ambassador::cli::Cli;
 use ambassador::config::LogFormat;
@@ -12,17 +13,19 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    ignore_sighup();
     let cli = Cli::parse();
-    // Non-UTF-8 variables cannot be link variables; skip them.
-    let vars = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-    let (settings, skipped) = match cli.settings(vars) {
+    let (settings, skipped) = match cli.settings(std::env::vars_os()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ambassador: error: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = ambassador::loops::check_startup(&settings.forwards) {
+        eprintln!("ambassador: error: {e}");
+        return ExitCode::from(2);
+    }
     if cli.check {
         print!("{}", ambassador::cli::table(&settings, &skipped));
         return ExitCode::SUCCESS;
@@ -48,7 +51,8 @@ fn main() -> ExitCode {
         }
     };
     match server::run(settings, engine, listeners) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(server::Stop::Drained | server::Stop::TimedOut) => ExitCode::SUCCESS,
+        Ok(server::Stop::Forced) => ExitCode::from(1),
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::from(1)
@@ -77,4 +81,13 @@ fn raise_fd_limit() {
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+}
+
+/// SIGHUP must never kill the process, not even during start-up (loading
+/// the BPF program can take a while): ignore it until the server installs
+/// its handler, which logs it instead.
+fn ignore_sighup() {
+    // Safety: setting a signal's disposition to SIG_IGN runs no code of ours
+    // in signal context; no other thread exists yet.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
 }

@@ -9,34 +9,57 @@
 //! 1. take a slot from the forward's `--max-conns` semaphore (when the
 //!    forward is full we stop calling accept, so new clients wait in the
 //!    kernel's backlog instead of being accepted and reset);
-//! 2. accept, then connect to the target (a hostname is resolved again for
-//!    every connection) within `--connect-timeout`; if the upstream refuses
-//!    or is unreachable the client is closed at once and one warning names
-//!    both addresses;
-//! 3. set TCP_NODELAY on both sockets and hand them to the engine.
+//! 2. check there are file descriptors for the client and its upstream
+//!    socket (`server/fds.rs`; when there are not, stop accepting, warn once,
+//!    retry with a back-off);
+//! 3. accept; a client that is one of our own upstream sockets is a
+//!    forwarding loop and is reset at once (`loops.rs`);
+//! 4. connect to the target (a hostname is resolved again for every
+//!    connection) within `--connect-timeout`; if the upstream refuses or is
+//!    unreachable the client is closed at once and one warning names both
+//!    addresses;
+//! 5. set TCP_NODELAY on both sockets and hand them to the engine.
 //!
-//! SIGTERM or SIGINT stops the accept loops, lets live connections finish
-//! for up to `--drain-timeout`, logs the counters and returns. SIGUSR1 logs
-//! the counters.
+//! Signals ([`Signals`], installed before `ready` is logged):
+//! - SIGTERM or SIGINT stops the accept loops and lets live connections
+//!   finish for up to `--drain-timeout`; then the ones still live are
+//!   aborted (RESET, not a clean FIN) and the process exits 0. A second
+//!   SIGTERM/SIGINT during the drain aborts them at once and exits 1: the
+//!   streams were cut, which is not a clean exit.
+//! - SIGUSR1 logs the counters.
+//! - SIGHUP never kills the process (its default action would): there is
+//!   no configuration file to reload yet, so it logs that and carries on.
+
+mod fds;
 
 use crate::config::{Forward, Host, Settings};
-use crate::engine::{Conn, Engine};
+use crate::engine::{Abort, Conn, Engine};
+use crate::loops::{Origin, OwnUpstreams, Registration};
 use crate::metrics::{ActiveGuard, ForwardStats};
-use std::cell::Cell;
+use fds::{Backoff, FdBudget};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
+
+/// After the abort is raised, how long engines get to reset their
+/// connections themselves before the process exits anyway (the sockets
+/// already have SO_LINGER 0, so exiting resets them too).
+const ABORT_GRACE: Duration = Duration::from_secs(2);
 
 /// A start-up failure: printed, exit code 1.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{source_name}: cannot listen on {addr}: {err}")]
+    #[error("{source_name}: cannot listen on {addr}: {err}{}", bind_hint(.err))]
     Bind {
         source_name: String,
         addr: SocketAddr,
@@ -44,6 +67,31 @@ pub enum StartError {
     },
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
+    #[error("{0}")]
+    Caps(String),
+}
+
+/// What a bind error most likely means, for the operator.
+fn bind_hint(err: &io::Error) -> &'static str {
+    if err.kind() == io::ErrorKind::PermissionDenied {
+        " (ports below 1024 need CAP_NET_BIND_SERVICE, e.g. run as root or \
+         `setcap cap_net_bind_service+ep`, or use a port ≥ 1024)"
+    } else {
+        ""
+    }
+}
+
+/// How serving ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Every connection finished within the drain timeout (exit 0).
+    Drained,
+    /// The drain timeout expired; the connections left were reset (exit 0,
+    /// as asked for by the operator's own timeout).
+    TimedOut,
+    /// A second SIGTERM/SIGINT cut the drain short; connections were reset
+    /// (exit 1).
+    Forced,
 }
 
 /// Bind every forward's listener, or fail naming the first that cannot be.
@@ -80,20 +128,99 @@ pub fn run(
     settings: Settings,
     engine: Engine,
     listeners: Vec<std::net::TcpListener>,
-) -> Result<(), StartError> {
+) -> Result<Stop, StartError> {
     let settings = Rc::new(settings);
     let uring = matches!(engine, Engine::Uring);
     let serve = serve(settings, Rc::new(engine), listeners);
+    // When connections were cut, the runtime is not dropped: dropping it
+    // would wait for (or cancel) every engine's pending operations, while
+    // exiting lets the kernel close every socket at once, with the RST
+    // that SO_LINGER 0 asks for.
     if uring {
         let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).map_err(StartError::Runtime)?;
-        rt.block_on(serve)
+        let stop = rt.block_on(serve);
+        if !matches!(stop, Ok(Stop::Drained)) {
+            std::mem::forget(rt);
+        }
+        stop
     } else {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
         let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, serve)
+        let stop = local.block_on(&rt, serve);
+        if !matches!(stop, Ok(Stop::Drained)) {
+            std::mem::forget(local);
+            std::mem::forget(rt);
+        }
+        stop
+    }
+}
+
+/// The signal handlers, installed before `ready` so that a signal sent
+/// right after it is never lost to a default action.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    usr1: Signal,
+    hup: Signal,
+}
+
+/// What a signal asks for.
+enum Asked {
+    Stop,
+    Stats,
+    Reload,
+}
+
+impl Signals {
+    fn install() -> io::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Asked {
+        tokio::select! {
+            _ = self.term.recv() => Asked::Stop,
+            _ = self.int.recv() => Asked::Stop,
+            _ = self.usr1.recv() => Asked::Stats,
+            _ = self.hup.recv() => Asked::Reload,
+        }
+    }
+}
+
+/// Everything the accept loops and connections of the process share.
+struct Shared {
+    settings: Rc<Settings>,
+    engine: Rc<Engine>,
+    ids: Cell<u64>,
+    fds: Rc<FdBudget>,
+    own: Rc<OwnUpstreams>,
+    /// The sockets of every connection an engine is relaying, by id: see
+    /// [`Shared::reset_all_live`].
+    live: RefCell<HashMap<u64, [RawFd; 2]>>,
+}
+
+impl Shared {
+    /// Set SO_LINGER 0 on both sockets of every live connection, so that
+    /// however they are closed (by the engine, or by the process exiting)
+    /// the peers see RST.
+    fn reset_all_live(&self) {
+        for fds in self.live.borrow().values() {
+            for &fd in fds {
+                // Safety: an entry lives only while its engine's `relay`
+                // runs, and every engine keeps both sockets open until
+                // `relay` returns; the runtime is single-threaded, so no
+                // socket can close while this loop runs.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                crate::engine::set_reset_on_close(&fd);
+            }
+        }
     }
 }
 
@@ -101,89 +228,157 @@ async fn serve(
     settings: Rc<Settings>,
     engine: Rc<Engine>,
     listeners: Vec<std::net::TcpListener>,
-) -> Result<(), StartError> {
+) -> Result<Stop, StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let ids = Rc::new(Cell::new(0u64));
-    let mut all_stats = Vec::new();
+    let abort_tx = Abort::install();
+    let mut signals = Signals::install().map_err(StartError::Runtime)?;
+    let shared = Rc::new(Shared {
+        settings: settings.clone(),
+        engine: engine.clone(),
+        ids: Cell::new(0),
+        fds: FdBudget::new().map_err(StartError::Runtime)?,
+        own: Rc::default(),
+        live: RefCell::default(),
+    });
+    let mut all_stats = AllStats(Vec::new());
     for (forward, listener) in settings.forwards.iter().zip(listeners) {
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         let stats = Arc::new(ForwardStats::default());
-        all_stats.push((forward.source.clone(), stats.clone()));
+        all_stats.0.push((forward.source.clone(), stats.clone()));
         tracing::info!(
             forward = %forward.source,
             listen = %forward.listen,
             target = %forward.target,
             "listening"
         );
-        tokio::task::spawn_local(accept_loop(
-            listener,
-            forward.clone(),
-            stats,
-            settings.clone(),
-            engine.clone(),
-            ids.clone(),
-            stop_rx.clone(),
-        ));
+        let fwd = Rc::new(Fwd {
+            forward: forward.clone(),
+            origin: Origin {
+                source: forward.source.as_str().into(),
+                stats,
+                episode: Rc::default(),
+            },
+        });
+        tokio::task::spawn_local(accept_loop(listener, fwd, shared.clone(), stop_rx.clone()));
     }
-    crate::caps::drop_all();
+    match crate::caps::drop_all() {
+        Ok(crate::caps::Dropped(Some(held))) => tracing::info!(was = %held, "capabilities dropped"),
+        Ok(crate::caps::Dropped(None)) => {}
+        Err(e) => return Err(StartError::Caps(e)),
+    }
     tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
 
-    let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
-    let mut usr1 = signal(SignalKind::user_defined1()).map_err(StartError::Runtime)?;
     loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = usr1.recv() => {
-                engine.refresh_stats();
-                log_stats(&all_stats);
-            }
+        match signals.next().await {
+            Asked::Stop => break,
+            Asked::Stats => all_stats.log(&engine),
+            Asked::Reload => reload(),
         }
     }
-
-    // Drain: stop accepting, wait for the live connections to finish.
     let _ = stop_tx.send(true);
-    let active = || {
-        all_stats
-            .iter()
-            .map(|(_, s)| s.conns_active.load(Relaxed))
-            .sum::<u64>()
-    };
-    tracing::info!(active = active(), drain_timeout = ?settings.drain_timeout, "draining");
-    let drained = tokio::time::timeout(settings.drain_timeout, async {
-        while active() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    let stop = drain(&settings, &engine, &all_stats, &mut signals).await;
+    if stop != Stop::Drained {
+        shared.reset_all_live();
+        let _ = abort_tx.send(true);
+        if stop == Stop::TimedOut {
+            // Let the engines reset their connections (bounded: the
+            // process exits anyway, and the exit resets what is left).
+            let _ = tokio::time::timeout(ABORT_GRACE, all_stats.idle()).await;
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(active = active(), "drain timeout: closing live connections");
     }
-    engine.refresh_stats();
-    log_stats(&all_stats);
+    all_stats.log(&engine);
     tracing::info!("stopped");
-    Ok(())
+    Ok(stop)
 }
 
-fn log_stats(all: &[(String, Arc<ForwardStats>)]) {
-    for (source, s) in all {
-        s.log(source);
+/// Every forward's counters, for the drain and the `stats` lines.
+struct AllStats(Vec<(String, Arc<ForwardStats>)>);
+
+impl AllStats {
+    fn active(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|(_, s)| s.conns_active.load(Relaxed))
+            .sum()
     }
+
+    /// Resolves once no connection is live.
+    async fn idle(&self) {
+        while self.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn log(&self, engine: &Engine) {
+        engine.refresh_stats();
+        for (source, s) in &self.0 {
+            s.log(source);
+        }
+    }
+}
+
+/// The accept loops have stopped: wait for the live connections to finish,
+/// up to the drain timeout or a second stop signal, and say which it was.
+async fn drain(
+    settings: &Settings,
+    engine: &Engine,
+    all_stats: &AllStats,
+    signals: &mut Signals,
+) -> Stop {
+    let active = all_stats.active();
+    tracing::info!(active, drain_timeout = ?settings.drain_timeout, "draining");
+    let drained = all_stats.idle();
+    let timeout = tokio::time::sleep(settings.drain_timeout);
+    tokio::pin!(drained, timeout);
+    let stop = loop {
+        tokio::select! {
+            () = &mut drained => break Stop::Drained,
+            () = &mut timeout => break Stop::TimedOut,
+            asked = signals.next() => match asked {
+                Asked::Stop => break Stop::Forced,
+                Asked::Stats => all_stats.log(engine),
+                Asked::Reload => reload(),
+            },
+        }
+    };
+    let active = all_stats.active();
+    match stop {
+        Stop::Drained => {}
+        Stop::TimedOut => {
+            tracing::warn!(
+                active,
+                "drain timeout: closing live connections with a reset"
+            );
+        }
+        Stop::Forced => tracing::warn!(
+            active,
+            "second stop signal: resetting live connections and exiting now (exit code 1)"
+        ),
+    }
+    stop
+}
+
+/// SIGHUP: nothing to reload yet (no configuration file), but never exit.
+fn reload() {
+    tracing::info!("reload requested: no config file, nothing to reload");
+}
+
+/// One forward, as its accept loop and connections see it.
+struct Fwd {
+    forward: Forward,
+    origin: Origin,
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    forward: Forward,
-    stats: Arc<ForwardStats>,
-    settings: Rc<Settings>,
-    engine: Rc<Engine>,
-    ids: Rc<Cell<u64>>,
+    fwd: Rc<Fwd>,
+    shared: Rc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = (settings.max_conns > 0).then(|| Arc::new(Semaphore::new(settings.max_conns)));
-    let source: Rc<str> = forward.source.as_str().into();
-    let forward = Rc::new(forward);
+    let slots = (shared.settings.max_conns > 0)
+        .then(|| Arc::new(Semaphore::new(shared.settings.max_conns)));
+    let source = fwd.origin.source.clone();
+    let mut backoff = Backoff::new();
     loop {
         // Wait for a free slot before accepting: a full forward leaves new
         // clients in the kernel's backlog.
@@ -194,68 +389,123 @@ async fn accept_loop(
             },
             None => None,
         };
-        let (client, client_addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE, ENOBUFS, ...: back off instead of spinning.
-                    tracing::warn!(forward = %source, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
+        let accepted = next_client(&listener, &shared.fds, &source, &mut backoff, &mut stop).await;
+        let Some((client, client_addr)) = accepted else {
+            break;
         };
-        let id = ids.get() + 1;
-        ids.set(id);
-        let (stats, settings, engine, forward, source) = (
-            stats.clone(),
-            settings.clone(),
-            engine.clone(),
-            forward.clone(),
-            source.clone(),
-        );
+        let client = match client.into_std() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(forward = %source, error = %e, "cannot take the client socket from the reactor");
+                continue;
+            }
+        };
+        backoff.reset();
+        shared.fds.accepted(&source);
+        if is_own_connection(&shared.own, &client, client_addr, &source) {
+            crate::engine::set_reset_on_close(&client);
+            continue;
+        }
+        let pending = shared.fds.pending();
+        let id = shared.ids.get() + 1;
+        shared.ids.set(id);
+        let (fwd, shared) = (fwd.clone(), shared.clone());
         tokio::task::spawn_local(async move {
             let _permit = permit;
-            let _active = ActiveGuard::new(&stats);
-            handle(
-                id,
-                client,
-                client_addr,
-                &forward,
-                source,
-                stats.clone(),
-                settings,
-                &engine,
-            )
-            .await;
+            let _active = ActiveGuard::new(&fwd.origin.stats);
+            handle(id, client, client_addr, &fwd, &shared, pending).await;
         });
     }
     tracing::debug!(forward = %source, "stopped accepting");
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The next client of `listener`, accepted only when there are descriptors
+/// for it and its upstream socket (see `server/fds.rs`); `None` once the
+/// drain starts.
+async fn next_client(
+    listener: &TcpListener,
+    budget: &FdBudget,
+    source: &str,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        // The descriptor check runs right before each accept attempt
+        // (inside the same poll), so nothing can take the room it saw.
+        let attempt = std::future::poll_fn(|cx| {
+            if !budget.room_for_one() {
+                return Poll::Ready(Err(None));
+            }
+            listener.poll_accept(cx).map_err(Some)
+        });
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = stop.changed() => return None,
+        };
+        let wait = match result {
+            Ok(c) => return Some(c),
+            Err(None) => {
+                budget.exhausted(
+                    source,
+                    "no descriptors left for a client and its upstream socket",
+                );
+                backoff.next()
+            }
+            Err(Some(e)) if fds::is_fd_exhaustion(&e) => {
+                budget.exhausted(source, &format!("accept: {e}"));
+                backoff.next()
+            }
+            Err(Some(e)) => {
+                // ENOBUFS, ENOMEM, ...: back off instead of spinning.
+                tracing::warn!(forward = %source, error = %e, "accept failed");
+                Duration::from_millis(100)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
+/// Is this accepted client one of our own upstream sockets (a loop)?
+fn is_own_connection(
+    own: &OwnUpstreams,
+    client: &std::net::TcpStream,
+    client_addr: SocketAddr,
+    source: &str,
+) -> bool {
+    if !own.may_be_own(client_addr) {
+        return false;
+    }
+    match client.local_addr() {
+        Ok(local) => own.is_own(client_addr, local, source),
+        Err(_) => false,
+    }
+}
+
 async fn handle(
     id: u64,
-    client: TcpStream,
+    client: std::net::TcpStream,
     client_addr: SocketAddr,
-    forward: &Forward,
-    source: Rc<str>,
-    stats: Arc<ForwardStats>,
-    settings: Rc<Settings>,
-    engine: &Engine,
+    fwd: &Fwd,
+    shared: &Shared,
+    pending: fds::Pending,
 ) {
-    let target = &forward.target;
-    let (upstream, upstream_addr) = match tokio::time::timeout(
+    let (target, source, stats) = (&fwd.forward.target, &fwd.origin.source, &fwd.origin.stats);
+    let settings = &shared.settings;
+    let attempt = tokio::time::timeout(
         settings.connect_timeout,
-        connect(&forward.target),
+        connect(target, &shared.own, &fwd.origin, pending),
     )
-    .await
-    {
+    .await;
+    let (upstream, upstream_addr, registration) = match attempt {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            ForwardStats::add(&stats.errors, 1);
-            tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, error = %e, "upstream connect failed");
+        Ok(Err((e, looped))) => {
+            if !looped {
+                ForwardStats::add(&stats.errors, 1);
+                tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, error = %e, "upstream connect failed");
+            }
             return;
         }
         Err(_) => {
@@ -264,18 +514,25 @@ async fn handle(
             return;
         }
     };
+    let upstream = match upstream.into_std() {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(id, error = %e, "cannot take the upstream socket from the reactor");
+            return;
+        }
+    };
+    if Abort::current().is_raised() {
+        // Connected after the server gave up on live connections.
+        crate::engine::set_reset_on_close(&client);
+        crate::engine::set_reset_on_close(&upstream);
+        return;
+    }
     if settings.nodelay {
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
     }
-    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(id, error = %e, "cannot take sockets from the reactor");
-            return;
-        }
-    };
     tracing::debug!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, "connection open");
+    let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
     let conn = Conn {
         id,
         forward: source.clone(),
@@ -284,11 +541,22 @@ async fn handle(
         client_addr,
         upstream_addr,
         stats: stats.clone(),
-        settings,
+        settings: settings.clone(),
     };
-    match engine.relay(conn).await {
+    shared.live.borrow_mut().insert(id, fds);
+    let result = shared.engine.relay(conn).await;
+    shared.live.borrow_mut().remove(&id);
+    let looped = registration.looped();
+    if !looped {
+        // A connection got through: a loop episode on this forward is over.
+        fwd.origin.episode.set(false);
+    }
+    match result {
         Ok(()) => {
             tracing::debug!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, "connection closed")
+        }
+        Err(e) if looped => {
+            tracing::debug!(id, forward = %source, error = %e, "looped connection closed");
         }
         Err(e) => {
             ForwardStats::add(&stats.errors, 1);
@@ -299,21 +567,74 @@ async fn handle(
 
 /// Connect to the target, resolving a hostname now (so a moved name needs
 /// no restart) and trying each address in turn. Returns the address that
-/// answered.
-async fn connect(target: &crate::config::Target) -> io::Result<(TcpStream, SocketAddr)> {
+/// answered and the socket's loop-check registration. An error says
+/// whether the attempt came back to us (then it is already reported).
+async fn connect(
+    target: &crate::config::Target,
+    own: &Rc<OwnUpstreams>,
+    origin: &Origin,
+    pending: fds::Pending,
+) -> Result<(TcpStream, SocketAddr, Registration), (io::Error, bool)> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
             .await
-            .map_err(|e| io::Error::new(e.kind(), format!("resolving {name}: {e}")))?
+            .map_err(|e| {
+                let e = io::Error::new(e.kind(), format!("resolving {name}: {e}"));
+                (e, false)
+            })?
             .collect(),
     };
+    let mut pending = Some(pending);
     let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
     for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return Ok((s, addr)),
-            Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
+        match connect_one(addr, own, origin, &mut pending).await {
+            Ok((s, reg)) => return Ok((s, addr, reg)),
+            Err((e, true)) => return Err((e, true)),
+            Err((e, false)) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
         }
     }
-    Err(last)
+    Err((last, false))
+}
+
+/// One non-blocking `connect(2)`. The socket is registered for the loop
+/// check right after the call, before the handshake can complete and our
+/// own accept loop can see it; the descriptor reservation (`pending`) is
+/// released once the socket exists.
+async fn connect_one(
+    addr: SocketAddr,
+    own: &Rc<OwnUpstreams>,
+    origin: &Origin,
+    pending: &mut Option<fds::Pending>,
+) -> Result<(TcpStream, Registration), (io::Error, bool)> {
+    use socket2::{Domain, Socket, Type};
+    let plain = |e: io::Error| (e, false);
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(plain)?;
+    pending.take();
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(plain(e)),
+    }
+    let local = sock
+        .local_addr()
+        .map_err(plain)?
+        .as_socket()
+        .ok_or_else(|| plain(io::Error::other("upstream socket has no IP address")))?;
+    let registration = own.register(local, addr, origin.clone());
+    let stream = TcpStream::from_std(sock.into()).map_err(plain)?;
+    let looped = |e| {
+        let looped = registration.looped();
+        (e, looped)
+    };
+    stream.writable().await.map_err(looped)?;
+    if let Some(e) = stream.take_error().map_err(looped)? {
+        return Err(looped(e));
+    }
+    Ok((stream, registration))
 }

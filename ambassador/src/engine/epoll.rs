@@ -12,6 +12,9 @@
 //! directions and closes both sockets with RST, so the peer that is still
 //! there learns that the connection broke rather than seeing a clean EOF.
 //!
+//! [`Abort::current`](super::Abort::current) (drain timeout, forced exit) ends both directions at
+//! once and closes both sockets with RST.
+//!
 //! This is also the engine that works everywhere: Docker's default seccomp
 //! profile blocks io_uring, and an unprivileged process cannot load BPF.
 
@@ -155,6 +158,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         stats,
         settings,
     } = conn;
+    let abort = super::Abort::current();
     let client = TcpStream::from_std(client)?;
     let upstream = TcpStream::from_std(upstream)?;
     let activity = Activity::new();
@@ -201,6 +205,12 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         () = activity.idle(settings.idle_timeout) => {
             tracing::debug!(id, client = %client_addr, "idle timeout");
             Ok(None)
+        }
+        () = abort.raised() => {
+            tracing::debug!(id, client = %client_addr, "aborted: resetting both sides");
+            set_reset_on_close(&client);
+            set_reset_on_close(&upstream);
+            Ok(false)
         }
     };
     match result {

@@ -1123,6 +1123,73 @@ fn adaptive_promotes_then_leaves_the_kernel_byte_exact() {
     assert_clean(&r);
 }
 
+/// Four ping/pong round trips: with `--splice adaptive` the connection is
+/// promoted into the kernel right after them (client side).
+fn ping_pong_client(s: &mut TcpStream) {
+    let mut b = [0u8; 1];
+    for i in 0..8u8 {
+        s.write_all(&[i]).unwrap();
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], i ^ 0xff, "pong {i} in order");
+    }
+}
+
+/// The upstream side of [`ping_pong_client`].
+fn ping_pong_server(s: &mut TcpStream) {
+    let mut b = [0u8; 1];
+    for i in 0..8u8 {
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], i, "ping {i} in order");
+        s.write_all(&[b[0] ^ 0xff]).unwrap();
+    }
+}
+
+/// After a promotion, the client half-closes: the upstream sees every
+/// byte of the request, then EOF, and its answer still reaches the client
+/// (both halves forwarded their FIN in the kernel path).
+#[test]
+fn adaptive_half_close_after_promotion() {
+    let upstream = server(move |mut s| {
+        ping_pong_server(&mut s);
+        let got = recv_stream(&mut s, 21).unwrap();
+        s.write_all(&got.to_le_bytes()).unwrap();
+        send_stream(&mut s, 22, 3 * MIB).unwrap();
+    });
+    let policy = SplicePolicy::Adaptive;
+    let (got, r) = with_proxy_policy(policy, None, 8, None, upstream, move |addr| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        ping_pong_client(&mut s);
+        send_stream(&mut s, 21, MIB).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).unwrap();
+        (u64::from_le_bytes(b), recv_stream(&mut s, 22).unwrap())
+    });
+    assert_eq!(got, (MIB, 3 * MIB), "{r:?}");
+    assert!(r.spliced_to_client >= 4, "pongs 4..8 were spliced: {r:?}");
+    assert_eq!(r.relay_errors, 0, "{r:?}");
+    assert_clean(&r);
+}
+
+/// After a promotion, the upstream resets: the client sees a reset, not a
+/// clean end, and nothing is left in the maps.
+#[test]
+fn adaptive_reset_after_promotion() {
+    let upstream = server(move |mut s| {
+        ping_pong_server(&mut s);
+        set_linger0(&s);
+    });
+    let policy = SplicePolicy::Adaptive;
+    let (end, r) = with_proxy_policy(policy, None, 8, None, upstream, move |addr| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        ping_pong_client(&mut s);
+        read_outcome(&mut s).map_err(|e| e.kind())
+    });
+    assert_eq!(end, Err(io::ErrorKind::ConnectionReset), "{r:?}");
+    assert_eq!(r.spliced_to_client, 4, "pongs 4..8 were spliced: {r:?}");
+    assert_clean(&r);
+}
+
 /// The kernel path's failure, made deterministic, and the check that keeps
 /// it from going unnoticed: a socket whose first skb userspace has partly
 /// read is spliced. The kernel hands the program the whole skb, read part

@@ -210,7 +210,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
             tracing::debug!(id, client = %client_addr, "aborted: resetting both sides");
             set_reset_on_close(&client);
             set_reset_on_close(&upstream);
-            Ok(false)
+            Ok(None)
         }
     };
     match result {

@@ -350,6 +350,7 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
     };
     sm.active.set(sm.active.get() + 1);
     _forget.counted.set(true);
+    tracing::debug!(id = conn.id, pre_read = ?pre_read, "spliced in the kernel");
     let record = Rc::new(Record {
         cookies,
         stats: conn.stats.clone(),
@@ -370,10 +371,17 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
         activity: super::Activity::new(),
     };
     let activity = c.activity.clone();
+    let aborted = super::Abort::current();
     let result = tokio::select! {
         r = c.run(&slot) => r,
         () = activity.idle(conn.settings.idle_timeout) => {
             tracing::debug!(id = conn.id, client = %conn.client_addr, "idle timeout");
+            Ok(SplicedOutcome::Done)
+        }
+        // Drain timeout or forced exit: a cut stream must look cut.
+        () = aborted.raised() => {
+            super::set_reset_on_close(&conn.client);
+            super::set_reset_on_close(&conn.upstream);
             Ok(SplicedOutcome::Done)
         }
     };

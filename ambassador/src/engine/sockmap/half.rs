@@ -138,10 +138,9 @@ pub fn check(o: &Observed) -> Result<(), Integrity> {
 /// What the driver must do for a half now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Read `src` (non-blocking). The read takes the socket lock, so when it
-    /// returns every byte before the FIN went through the verdict; on a
-    /// socket in `VERDICT` it returns EOF or nothing.
-    pub read: bool,
+    /// Kick `src` (`bpf::kick_verdict`): run the verdict over bytes still
+    /// queued on it, here the last ones before a FIN.
+    pub kick: bool,
     /// Shut `dst` for writing (then call [`Half::forwarded`]).
     pub shutdown: bool,
     /// Something is pending: tick again soon.
@@ -178,11 +177,6 @@ impl Half {
         self.rdhup = true;
     }
 
-    /// A read of `src` returned EOF.
-    pub fn eof(&mut self) {
-        self.fin = Fin::Seen;
-    }
-
     /// `dst` was shut for writing.
     pub fn forwarded(&mut self) {
         assert_eq!(
@@ -199,12 +193,22 @@ impl Half {
     }
 
     /// The next actions of a spliced half, after the conservation check.
-    pub fn plan(&self, o: &Observed) -> Result<Plan, Integrity> {
+    /// The FIN has been consumed (and every byte before it went through the
+    /// verdict) once `src` reported RDHUP and everything TCP received but
+    /// the FIN itself was redirected: `received` counts the FIN as 1.
+    pub fn plan(&mut self, o: &Observed) -> Result<Plan, Integrity> {
         check(o)?;
         let mut p = Plan::default();
+        if self.fin == Fin::Open && self.rdhup {
+            if o.redirected + 1 == o.received {
+                self.fin = Fin::Seen;
+            } else {
+                p.kick = true;
+                p.busy = true;
+            }
+        }
         match self.fin {
-            Fin::Forwarded => {}
-            Fin::Open => p.read = self.rdhup,
+            Fin::Forwarded | Fin::Open => {}
             Fin::Seen if Self::drained(o) => {
                 // Every byte before the FIN is in dst's send queue, and the
                 // books balance: redirected + the FIN = received.
@@ -356,11 +360,14 @@ mod tests {
     #[test]
     fn fin_is_forwarded_only_after_the_destination_took_everything() {
         let mut h = Half::default();
-        assert_eq!(h.plan(&obs(50, 51, 10)).unwrap(), Plan::default());
+        assert_eq!(h.plan(&obs(50, 50, 10)).unwrap(), Plan::default());
         h.saw_rdhup();
-        assert!(h.plan(&obs(50, 51, 10)).unwrap().read);
-        h.eof();
+        // The FIN arrived but 10 bytes before it still wait for the verdict.
+        let p = h.plan(&obs(40, 51, 10)).unwrap();
+        assert!(p.kick && !p.shutdown);
+        assert_eq!(h.fin(), Fin::Open);
         let p = h.plan(&obs(50, 51, 40)).unwrap();
+        assert_eq!(h.fin(), Fin::Seen);
         assert!(!p.shutdown && p.busy);
         let p = h.plan(&obs(50, 51, 50)).unwrap();
         assert!(p.shutdown);
@@ -394,10 +401,8 @@ mod tests {
 
     #[test]
     fn lost_bytes_fail_the_final_check() {
-        let mut h = Half::default();
-        h.eof();
         // 100 received (+FIN), only 90 redirected and taken.
-        let e = h.plan(&obs(90, 101, 90)).unwrap_err();
+        let e = check_final(&obs(90, 101, 90)).unwrap_err();
         assert!(e.what.contains("not all forwarded"), "{e}");
     }
 

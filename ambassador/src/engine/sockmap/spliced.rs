@@ -9,7 +9,7 @@
 //! violation resets both sockets.
 
 use super::Sockmap;
-use super::half::{self, Fin, Half, Integrity, Move, Observed, Path, Route};
+use super::half::{self, Half, Integrity, Move, Observed, Path, Route};
 use super::watcher::Slot;
 use crate::bpf;
 use crate::engine::Activity;
@@ -77,11 +77,10 @@ impl Spliced<'_> {
     /// Watch the connection until both halves forwarded their FIN, or it
     /// left the kernel.
     pub async fn run(&mut self, slot: &Slot) -> Result<Outcome, End> {
-        // The kick: a read on a socket in `VERDICT` runs the verdict over
-        // anything queued before the insert.
+        // The kick: run the verdict over anything queued before the insert.
         for d in 0..2 {
             if self.in_verdict[d] {
-                self.read(d)?;
+                bpf::kick_verdict(self.socks[d])?;
             }
         }
         let force = !self.in_verdict.iter().all(|&v| v);
@@ -107,6 +106,7 @@ impl Spliced<'_> {
                 }
             }
             let o = [self.observe(0)?, self.observe(1)?];
+            tracing::trace!(id = self.id, path = ?self.route.path(), fin = ?[self.halves[0].fin(), self.halves[1].fin()], ?o, "tick");
             let mut busy = false;
             for d in 0..2 {
                 if o[d].redirected != last[d] {
@@ -141,8 +141,8 @@ impl Spliced<'_> {
                         half::check(od).map_err(|e| End::Integrity(d, e))?;
                     }
                     let mut s = self.sm.splicer.borrow_mut();
-                    s.unlink(self.cookies[0]);
-                    s.unlink(self.cookies[1]);
+                    s.unlink(self.cookies[0])?;
+                    s.unlink(self.cookies[1])?;
                     self.route.unlinked([&o[0], &o[1]]);
                     return Ok(Outcome::Left);
                 }
@@ -210,44 +210,14 @@ impl Spliced<'_> {
     /// Plan and act for a spliced half. Returns whether it is busy.
     fn step(&mut self, d: usize, o: &Observed) -> Result<bool, End> {
         let plan = self.halves[d].plan(o).map_err(|e| End::Integrity(d, e))?;
-        if plan.read {
-            self.read(d)?;
-            if self.halves[d].fin() == Fin::Seen {
-                // Re-plan at once with fresh counters (the read let the
-                // verdict see the last bytes before the FIN).
-                let o = self.observe(d)?;
-                return self.step(d, &o);
-            }
+        if plan.kick {
+            bpf::kick_verdict(self.socks[d])?;
         }
         if plan.shutdown {
             let _ = self.socks[1 - d].shutdown(Shutdown::Write);
             self.halves[d].forwarded();
         }
-        Ok(plan.busy || plan.read)
-    }
-
-    /// A non-blocking read of a spliced socket: it takes the socket lock
-    /// and runs the verdict over whatever is queued, so it returns EOF (the
-    /// FIN was consumed) or nothing. Bytes would mean the program passed
-    /// some, which this engine never asks for.
-    fn read(&mut self, d: usize) -> Result<(), End> {
-        let mut buf = [0u8; 64];
-        match bpf::kick(self.socks[d], &mut buf) {
-            Ok(0) => self.halves[d].eof(),
-            Ok(_) => {
-                let o = self.observe(d)?;
-                return Err(End::Integrity(
-                    d,
-                    Integrity {
-                        what: "bytes passed to userspace on a spliced socket",
-                        observed: o,
-                    },
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(End::Io(e)),
-        }
-        Ok(())
+        Ok(plan.busy)
     }
 
     /// Take both sockets out of `VERDICT` (no verdict runs for them any

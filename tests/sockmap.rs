@@ -1259,7 +1259,7 @@ fn integrity_check_resets_a_stream_the_kernel_duplicated() {
         assert!(t.elapsed() < Duration::from_secs(5), "upstream never ended");
         thread::sleep(Duration::from_millis(5));
     }
-    let (n, end) = got.lock().unwrap().clone().unwrap();
+    let (n, end) = got.lock().unwrap().unwrap();
     assert_eq!(
         end,
         Err(io::ErrorKind::ConnectionReset),

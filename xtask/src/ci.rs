@@ -9,8 +9,10 @@
 //! 4. the static binary (for the Docker image and the qemu guests), then
 //!    every test, serially (they measure nothing, but they share 2 CPUs
 //!    and real ports, namespaces and containers);
-//! 5. one smoke round of the benchmark harness (no timing asserted);
-//! 6. the kernel matrix (Debian 6.1 and 6.12 under qemu, and the host),
+//! 5. the soak: a minute of randomised, byte-checked traffic through every
+//!    engine, and a minute more under a CPU hog;
+//! 6. one smoke round of the benchmark harness (no timing asserted);
+//! 7. the kernel matrix (Debian 6.1 and 6.12 under qemu, and the host),
 //!    compared with the committed expectation.
 
 use crate::util::{self, apt_install, root};
@@ -86,6 +88,9 @@ pub fn run(a: Args) -> Result<()> {
                 .args(["test", "--release", "--workspace", "--", "--test-threads=1"]),
         )
     })?;
+    // Randomised, byte-checked traffic through every engine: one minute
+    // over the four configs, then one more with a CPU hog.
+    step("soak", crate::soak::ci)?;
     if !a.no_bench {
         step("benchmark smoke", crate::bench::smoke)?;
     }

@@ -329,13 +329,14 @@ fn render_docs(runs: &[report::KernelRun], table: &str, fixes: &str) -> String {
     );
     s.push_str(
         "`ambassador-testpeer probe` builds the two-SOCKHASH verdict-only design by hand on each kernel\n\
-         and checks the behaviour the sockmap engine depends on (`shared/notes/sockmap.md` §2, §6):\n\n\
+         and checks the behaviour the sockmap engine depends on (docs/sockmap.md, \"Kernel facts\"):\n\n\
          - `preinsert_kick`: bytes queued before the insert are flushed by one non-blocking recv\n\
          (\"bpf, sockmap: TCP data stall on recv before accept\", upstream 6.4-rc4).\n\
          - `fin_pass_recv_eof`: an SK_PASS'd FIN makes recv return 0 (\"Handle fin correctly\", 6.4-rc4).\n\
-         - `fin_drop_clean`: SK_DROP of the zero-length FIN skb leaves the peer clean (design rule 4).\n\
-         - `halfclose_drain`: drain-then-shutdown delivers every byte before the FIN (design rule 9).\n\
-         - `pass_fionread`: FIONREAD and MSG_PEEK on a socket's own SK_PASS'd bytes (pass mode).\n\
+         - `fin_drop_clean`: SK_DROP of the zero-length FIN skb leaves the peer clean (kernel fact 4).\n\
+         - `halfclose_drain`: drain-then-shutdown delivers every byte before the FIN (kernel fact 9).\n\
+         - `pass_fionread`: FIONREAD and MSG_PEEK on a socket's own SK_PASS'd bytes (kept as a probe;\n\
+         the engine no longer reads passed bytes).\n\
          - `ingress_fionread`: FIONREAD counts bytes redirected into a socket's ingress queue\n\
          (\"bpf, sockmap: Fix FIONREAD for sockmap\", Jan 2026). Our engine never redirects to\n\
          ingress, so this only tells kernels apart.\n\
@@ -435,7 +436,7 @@ fn differences(runs: &[report::KernelRun]) -> String {
     out
 }
 
-/// The minimum kernel per engine and why: from the fix history in `shared/notes/sockmap.md` §6,
+/// The minimum kernel per engine and why: from the fix history in docs/sockmap.md,
 /// tokio-uring's documented minimum, and what the matrix saw on the tested kernels.
 const MINIMUMS: &str = "
 ## Minimum kernel per engine

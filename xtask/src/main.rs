@@ -7,12 +7,14 @@
 //! - `bench`         — the side-by-side benchmark (`--full` for the thorough run).
 //! - `image`         — the static binary and the FROM-scratch Docker image.
 //! - `kernel-matrix` — boot Debian kernels under qemu and run the engine checks inside.
+//! - `soak`          — randomised, byte-checked traffic through each engine for minutes.
 
 mod bench;
 mod ci;
 mod ebpf;
 mod image;
 mod kernel_matrix;
+mod soak;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +38,8 @@ enum Cmd {
     Image(image::Args),
     /// Run the engine checks on Debian kernels under qemu and on the host.
     KernelMatrix(kernel_matrix::Args),
+    /// Randomised, byte-checked traffic through every engine (`--minutes`, `--hog`).
+    Soak(soak::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Image(a) => image::run(a),
         Cmd::KernelMatrix(a) => kernel_matrix::run(a),
+        Cmd::Soak(a) => soak::run(a),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! TCG, not KVM: `/dev/kvm` on this machine kind is a nested "PVM" flavour that cannot run stock
 //! kernels (6.1 hangs in the decompressor, 6.12 stops with "KVM internal error"; see
-//! `shared/notes/kernel-matrix.md`). The ELF vmlinux is booted directly through its PVH entry.
+//! docs/kernels.md). The ELF vmlinux is booted directly through its PVH entry.
 //! `panic=-1` + `-no-reboot` turn a guest panic into a qemu exit; the deadline covers a hang.
 
 use anyhow::{Context, Result};

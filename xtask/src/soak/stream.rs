@@ -92,6 +92,7 @@ impl ByteStream {
 
 /// The checking end of a direction: compares what arrives with the stream.
 pub struct Checker {
+    seed: u64,
     expect: ByteStream,
     scratch: Vec<u8>,
 }
@@ -99,6 +100,7 @@ pub struct Checker {
 impl Checker {
     pub fn new(seed: u64) -> Self {
         Checker {
+            seed,
             expect: ByteStream::new(seed),
             scratch: Vec::new(),
         }
@@ -110,8 +112,9 @@ impl Checker {
     }
 
     /// Check `got` as the next bytes; Err carries the stream offset of the
-    /// first byte that differs.
-    pub fn check(&mut self, got: &[u8]) -> Result<(), u64> {
+    /// first byte that differs and, if found, where in the stream the bytes
+    /// that arrived there come from.
+    pub fn check(&mut self, got: &[u8]) -> Result<(), (u64, Option<u64>)> {
         let start = self.expect.pos;
         self.scratch.resize(got.len(), 0);
         self.expect.fill(&mut self.scratch);
@@ -123,8 +126,24 @@ impl Checker {
             .zip(&self.scratch)
             .position(|(a, b)| a != b)
             .unwrap_or(0);
-        Err(start + i as u64)
+        let at = start + i as u64;
+        Err((at, locate(self.seed, &got[i..], at)))
     }
+}
+
+/// Where the stream `seed` holds `wrong` (the bytes that arrived at offset
+/// `at`), searching offsets up to `at` + 8 MiB: a duplicate shows an earlier
+/// origin, a loss a later one. Needs at least 16 bytes to be meaningful.
+fn locate(seed: u64, wrong: &[u8], at: u64) -> Option<u64> {
+    let pat = &wrong[..wrong.len().min(64)];
+    if pat.len() < 16 {
+        return None;
+    }
+    let mut all = vec![0u8; (at + (8 << 20)) as usize];
+    ByteStream::new(seed).fill(&mut all);
+    all.windows(pat.len())
+        .position(|w| w == pat)
+        .map(|p| p as u64)
 }
 
 #[cfg(test)]
@@ -147,6 +166,6 @@ mod tests {
         assert_eq!(c.check(&whole[..10]), Ok(()));
         let mut bad = whole[10..20].to_vec();
         bad[4] ^= 1;
-        assert_eq!(c.check(&bad), Err(14));
+        assert_eq!(c.check(&bad).map_err(|e| e.0), Err(14));
     }
 }

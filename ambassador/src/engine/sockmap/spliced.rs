@@ -121,15 +121,10 @@ impl Spliced<'_> {
             match self.route.decide([&o[0], &o[1]], force || hook) {
                 Move::LeaveVerdict => {
                     self.leave_verdict()?;
-                    for d in 0..2 {
+                    for (r, cookie) in redirected_at_leave.iter_mut().zip(self.cookies) {
                         // After the barrier the program cannot redirect any
                         // more: these counts are final.
-                        redirected_at_leave[d] = self
-                            .sm
-                            .splicer
-                            .borrow()
-                            .stats(self.cookies[d])?
-                            .redirected_bytes;
+                        *r = self.sm.splicer.borrow().stats(cookie)?.redirected_bytes;
                     }
                     self.route.left_verdict();
                     self.sm.left.set(self.sm.left.get() + 1);
@@ -150,22 +145,22 @@ impl Spliced<'_> {
             }
             match self.route.path() {
                 Path::Spliced => {
-                    for d in 0..2 {
-                        busy |= self.step(d, &o[d])?;
+                    for (d, od) in o.iter().enumerate() {
+                        busy |= self.step(d, od)?;
                     }
                     if self.halves.iter().all(Half::done) {
                         return Ok(Outcome::Done);
                     }
                 }
                 Path::Leaving => {
-                    for d in 0..2 {
-                        half::check(&o[d]).map_err(|e| End::Integrity(d, e))?;
-                        if o[d].redirected != redirected_at_leave[d] {
+                    for (d, od) in o.iter().enumerate() {
+                        half::check(od).map_err(|e| End::Integrity(d, e))?;
+                        if od.redirected != redirected_at_leave[d] {
                             return Err(End::Integrity(
                                 d,
                                 Integrity {
                                     what: "redirected after leaving the kernel",
-                                    observed: o[d],
+                                    observed: *od,
                                 },
                             ));
                         }

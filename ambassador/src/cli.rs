@@ -6,6 +6,7 @@
 //! Any problem is one [`ConfigError`] line naming the variable or flag; the
 //! binary prints it and exits with code 2.
 
+use crate::balance::{Balance, PoolConfig};
 use crate::config::env::{self, Skipped};
 use crate::config::{Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
 use clap::Parser;
@@ -61,6 +62,23 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_name = "DUR")]
     pub drain_timeout: String,
 
+    /// How a forward with several backends spreads clients over them.
+    #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
+    pub balance: Balance,
+
+    /// Passive health: consecutive connect failures that eject a backend.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub health_fails: u32,
+
+    /// How long an ejected backend takes no connections (doubled after each
+    /// failed trial).
+    #[arg(long, default_value = "10s", value_name = "DUR")]
+    pub health_backoff: String,
+
+    /// The longest ejection.
+    #[arg(long, default_value = "60s", value_name = "DUR")]
+    pub health_backoff_max: String,
+
     /// Log format (filter with RUST_LOG).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -86,6 +104,7 @@ impl Cli {
         &self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(Settings, Vec<Skipped>), ConfigError> {
+        let pool = self.pool_config()?;
         let mut forwards = Vec::new();
         let mut skipped = Vec::new();
         if !self.no_env {
@@ -101,6 +120,7 @@ impl Cli {
                 listen,
                 target,
                 proto: Proto::Tcp,
+                pool: pool.clone(),
             });
         }
         match self.positional.as_slice() {
@@ -116,8 +136,9 @@ impl Cli {
                 forwards.push(Forward {
                     source: format!("args {host} {port}"),
                     listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), target.port),
-                    target,
+                    target: target.into(),
                     proto: Proto::Tcp,
+                    pool: pool.clone(),
                 });
             }
             [one] => {
@@ -141,6 +162,9 @@ impl Cli {
             }
             return Err(ConfigError(msg));
         }
+        for f in &mut forwards {
+            f.pool = pool.clone();
+        }
         check_overlaps(&forwards)?;
         let settings = Settings {
             forwards,
@@ -160,6 +184,32 @@ impl Cli {
             return Err(ConfigError("--connect-timeout: must be more than 0".into()));
         }
         Ok((settings, skipped))
+    }
+}
+
+impl Cli {
+    /// `--balance` and the passive-health flags, as every flag-configured
+    /// forward's [`PoolConfig`].
+    pub fn pool_config(&self) -> Result<PoolConfig, ConfigError> {
+        if self.health_fails == 0 {
+            return Err(ConfigError("--health-fails: must be at least 1".into()));
+        }
+        let backoff = flag_duration("--health-backoff", &self.health_backoff)?;
+        let backoff_max = flag_duration("--health-backoff-max", &self.health_backoff_max)?;
+        if backoff.is_zero() {
+            return Err(ConfigError("--health-backoff: must be more than 0".into()));
+        }
+        if backoff_max < backoff {
+            return Err(ConfigError(format!(
+                "--health-backoff-max: {backoff_max:?} is shorter than --health-backoff {backoff:?}"
+            )));
+        }
+        Ok(PoolConfig {
+            balance: self.balance,
+            fails: self.health_fails,
+            backoff,
+            backoff_max,
+        })
     }
 }
 
@@ -222,6 +272,18 @@ pub fn table(settings: &Settings, skipped: &[Skipped]) -> String {
             .trim_end(),
         );
         out.push('\n');
+    }
+    for f in settings.forwards.iter().filter(|f| f.target.len() > 1) {
+        let p = &f.pool;
+        out.push_str(&format!(
+            "backends {}: {} over {}; ejected after {} connect failures for {:?} (doubling up to {:?})\n",
+            f.source,
+            p.balance,
+            f.target.len(),
+            p.fails,
+            p.backoff,
+            p.backoff_max
+        ));
     }
     for s in skipped {
         out.push_str(&format!("skipped {}: {}\n", s.var, s.why));

@@ -15,7 +15,10 @@
 //! - [`bpf`]: loading the eBPF program and talking to its maps.
 //! - [`metrics`]: per-forward counters.
 //! - [`caps`]: dropping capabilities after start-up.
+//! - [`balance`]: choosing a backend and passive health (decisions only);
+//!   [`upstream`] does the connecting for it.
 
+pub mod balance;
 pub mod bpf;
 pub mod caps;
 pub mod cli;
@@ -23,3 +26,4 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod server;
+pub mod upstream;

@@ -19,9 +19,10 @@
 //! for up to `--drain-timeout`, logs the counters and returns. SIGUSR1 logs
 //! the counters.
 
-use crate::config::{Forward, Host, Settings};
+use crate::config::{Forward, Settings};
 use crate::engine::{Conn, Engine};
 use crate::metrics::{ActiveGuard, ForwardStats};
+use crate::upstream::Upstreams;
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
@@ -183,7 +184,11 @@ async fn accept_loop(
 ) {
     let slots = (settings.max_conns > 0).then(|| Arc::new(Semaphore::new(settings.max_conns)));
     let source: Rc<str> = forward.source.as_str().into();
-    let forward = Rc::new(forward);
+    let upstreams = Upstreams::new(
+        source.clone(),
+        forward.target.0.clone(),
+        forward.pool.clone(),
+    );
     loop {
         // Wait for a free slot before accepting: a full forward leaves new
         // clients in the kernel's backlog.
@@ -208,11 +213,11 @@ async fn accept_loop(
         };
         let id = ids.get() + 1;
         ids.set(id);
-        let (stats, settings, engine, forward, source) = (
+        let (stats, settings, engine, upstreams, source) = (
             stats.clone(),
             settings.clone(),
             engine.clone(),
-            forward.clone(),
+            upstreams.clone(),
             source.clone(),
         );
         tokio::task::spawn_local(async move {
@@ -222,7 +227,7 @@ async fn accept_loop(
                 id,
                 client,
                 client_addr,
-                &forward,
+                &upstreams,
                 source,
                 stats.clone(),
                 settings,
@@ -239,28 +244,22 @@ async fn handle(
     id: u64,
     client: TcpStream,
     client_addr: SocketAddr,
-    forward: &Forward,
+    upstreams: &Rc<Upstreams>,
     source: Rc<str>,
     stats: Arc<ForwardStats>,
     settings: Rc<Settings>,
     engine: &Engine,
 ) {
-    let target = &forward.target;
-    let (upstream, upstream_addr) = match tokio::time::timeout(
-        settings.connect_timeout,
-        connect(&forward.target),
-    )
-    .await
+    // Pick a backend and connect (retrying the next healthy one); the lease
+    // counts this connection against its backend until it ends.
+    let (upstream, upstream_addr, _lease) = match upstreams
+        .connect(id, client_addr, settings.connect_timeout)
+        .await
     {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+        Ok(c) => c,
+        Err(failure) => {
             ForwardStats::add(&stats.errors, 1);
-            tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, error = %e, "upstream connect failed");
-            return;
-        }
-        Err(_) => {
-            ForwardStats::add(&stats.errors, 1);
-            tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, timeout = ?settings.connect_timeout, "upstream connect timed out");
+            failure.log(id, &source, client_addr, upstreams);
             return;
         }
     };
@@ -295,25 +294,4 @@ async fn handle(
             tracing::warn!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, error = %e, "connection error");
         }
     }
-}
-
-/// Connect to the target, resolving a hostname now (so a moved name needs
-/// no restart) and trying each address in turn. Returns the address that
-/// answered.
-async fn connect(target: &crate::config::Target) -> io::Result<(TcpStream, SocketAddr)> {
-    let addrs: Vec<SocketAddr> = match &target.host {
-        Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
-        Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("resolving {name}: {e}")))?
-            .collect(),
-    };
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return Ok((s, addr)),
-            Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
-        }
-    }
-    Err(last)
 }

@@ -79,6 +79,14 @@ pub struct Cli {
     #[arg(long, default_value = "60s", value_name = "DUR")]
     pub health_backoff_max: String,
 
+    /// Serve /metrics (Prometheus), /healthz and /readyz on ADDR:PORT (off by default).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
+    /// Allow --metrics on a non-loopback address.
+    #[arg(long)]
+    pub metrics_public: bool,
+
     /// Log format (filter with RUST_LOG).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -188,6 +196,11 @@ impl Cli {
 }
 
 impl Cli {
+    /// `--metrics` (loopback only unless `--metrics-public`).
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        crate::http::metrics_addr(self.metrics.as_deref(), self.metrics_public).map_err(ConfigError)
+    }
+
     /// `--balance` and the passive-health flags, as every flag-configured
     /// forward's [`PoolConfig`].
     pub fn pool_config(&self) -> Result<PoolConfig, ConfigError> {

@@ -13,7 +13,8 @@
 //! - [`engine`]: the contract every engine implements and the start-up choice;
 //!   one module per engine (`engine::sockmap`, `engine::uring`, `engine::epoll`).
 //! - [`bpf`]: loading the eBPF program and talking to its maps.
-//! - [`metrics`]: per-forward counters.
+//! - [`metrics`]: per-forward counters; [`exporter`] renders them for
+//!   Prometheus and [`http`] serves `/metrics`, `/healthz`, `/readyz`.
 //! - [`caps`]: dropping capabilities after start-up.
 //! - [`balance`]: choosing a backend and passive health (decisions only);
 //!   [`upstream`] does the connecting for it.
@@ -24,6 +25,8 @@ pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod exporter;
+pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod upstream;

@@ -23,6 +23,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let metrics = match cli.metrics_addr() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ambassador: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if cli.check {
         print!("{}", ambassador::cli::table(&settings, &skipped));
         return ExitCode::SUCCESS;
@@ -47,6 +54,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(addr) = metrics
+        && let Err(e) = ambassador::http::start(addr)
+    {
+        tracing::error!("{e}");
+        return ExitCode::from(1);
+    }
     match server::run(settings, engine, listeners) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

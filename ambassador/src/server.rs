@@ -19,7 +19,7 @@
 //! for up to `--drain-timeout`, logs the counters and returns. SIGUSR1 logs
 //! the counters.
 
-use crate::config::{Forward, Settings};
+use crate::config::Settings;
 use crate::engine::{Conn, Engine};
 use crate::metrics::{ActiveGuard, ForwardStats};
 use crate::upstream::Upstreams;
@@ -116,9 +116,19 @@ async fn serve(
             target = %forward.target,
             "listening"
         );
+        let upstreams = Upstreams::new(
+            forward.source.as_str().into(),
+            forward.target.0.clone(),
+            forward.pool.clone(),
+        );
+        crate::exporter::global().add_forward(crate::exporter::ForwardEntry {
+            listen: forward.listen.to_string(),
+            stats: stats.clone(),
+            backends: upstreams.backend_stats(),
+        });
         tokio::task::spawn_local(accept_loop(
             listener,
-            forward.clone(),
+            upstreams,
             stats,
             settings.clone(),
             engine.clone(),
@@ -127,6 +137,7 @@ async fn serve(
         ));
     }
     crate::caps::drop_all();
+    crate::exporter::on_ready(engine.clone());
     tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
 
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
@@ -145,6 +156,7 @@ async fn serve(
 
     // Drain: stop accepting, wait for the live connections to finish.
     let _ = stop_tx.send(true);
+    crate::exporter::global().set_draining();
     let active = || {
         all_stats
             .iter()
@@ -175,7 +187,7 @@ fn log_stats(all: &[(String, Arc<ForwardStats>)]) {
 
 async fn accept_loop(
     listener: TcpListener,
-    forward: Forward,
+    upstreams: Rc<Upstreams>,
     stats: Arc<ForwardStats>,
     settings: Rc<Settings>,
     engine: Rc<Engine>,
@@ -183,12 +195,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = (settings.max_conns > 0).then(|| Arc::new(Semaphore::new(settings.max_conns)));
-    let source: Rc<str> = forward.source.as_str().into();
-    let upstreams = Upstreams::new(
-        source.clone(),
-        forward.target.0.clone(),
-        forward.pool.clone(),
-    );
+    let source = upstreams.source();
     loop {
         // Wait for a free slot before accepting: a full forward leaves new
         // clients in the kernel's backlog.

@@ -124,6 +124,11 @@ impl Upstreams {
         })
     }
 
+    /// The forward's source (variable or flag), for logs.
+    pub fn source(&self) -> Rc<str> {
+        self.forward.clone()
+    }
+
     /// Each backend with its counters, for the metrics.
     pub fn backend_stats(&self) -> Vec<(String, Arc<BackendStats>)> {
         self.backends

@@ -8,6 +8,7 @@
 
 use crate::balance::{Balance, PoolConfig};
 use crate::config::env::{self, Skipped};
+use crate::config::file::{self, FileConfig, Globals};
 use crate::config::{Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
 use clap::Parser;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -87,6 +88,15 @@ pub struct Cli {
     #[arg(long)]
     pub metrics_public: bool,
 
+    /// A TOML file with forwards and settings; flags and link variables add to it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<String>,
+
+    /// Which flags were given (command line or environment), filled by
+    /// [`Cli::mark_explicit`]: those win over the config file.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
+
     /// Log format (filter with RUST_LOG).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -112,13 +122,17 @@ impl Cli {
         &self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(Settings, Vec<Skipped>), ConfigError> {
-        let pool = self.pool_config()?;
+        let file = self.config_file()?;
+        let pool = self.pool_config_over(file.as_ref())?;
         let mut forwards = Vec::new();
         let mut skipped = Vec::new();
         if !self.no_env {
             let scan = env::scan(vars).map_err(ConfigError)?;
             forwards.extend(scan.forwards);
             skipped = scan.skipped;
+            for f in &mut forwards {
+                f.pool = pool.clone();
+            }
         }
         for f in &self.forwards {
             let (listen, target) =
@@ -156,6 +170,12 @@ impl Cli {
             }
             _ => unreachable!("clap limits positional arguments to 2"),
         }
+        if let Some(file) = &file {
+            forwards.extend(file.forwards.iter().map(|ff| Forward {
+                pool: ff.pool.apply(&pool),
+                ..ff.forward.clone()
+            }));
+        }
         if forwards.is_empty() {
             let mut msg = format!(
                 "no forwards configured: looked for {}, --forward flags and HOST PORT arguments",
@@ -164,17 +184,17 @@ impl Cli {
             if self.no_env {
                 msg.push_str(" (environment ignored: --no-env)");
             }
+            if let Some(path) = &self.config {
+                msg.push_str(&format!(" (--config {path} has no [[forward]])"));
+            }
             if !skipped.is_empty() {
                 let names: Vec<&str> = skipped.iter().map(|s| s.var.as_str()).collect();
                 msg.push_str(&format!("; skipped {}", names.join(", ")));
             }
             return Err(ConfigError(msg));
         }
-        for f in &mut forwards {
-            f.pool = pool.clone();
-        }
         check_overlaps(&forwards)?;
-        let settings = Settings {
+        let mut settings = Settings {
             forwards,
             mode: self.mode,
             splice: self.splice,
@@ -188,6 +208,9 @@ impl Cli {
             max_conns: self.max_conns,
             drain_timeout: flag_duration("--drain-timeout", &self.drain_timeout)?,
         };
+        if let Some(file) = &file {
+            self.apply_file_globals(&mut settings, &file.globals);
+        }
         if settings.connect_timeout.is_zero() {
             return Err(ConfigError("--connect-timeout: must be more than 0".into()));
         }
@@ -199,6 +222,104 @@ impl Cli {
     /// `--metrics` (loopback only unless `--metrics-public`).
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         crate::http::metrics_addr(self.metrics.as_deref(), self.metrics_public).map_err(ConfigError)
+    }
+
+    /// Remember which flags were given, so that they win over `--config`.
+    pub fn mark_explicit(&mut self, m: &clap::ArgMatches) {
+        use clap::parser::ValueSource;
+        self.explicit = m
+            .ids()
+            .filter(|id| {
+                matches!(
+                    m.value_source(id.as_str()),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .map(|id| id.to_string())
+            .collect();
+    }
+
+    fn given(&self, id: &str) -> bool {
+        self.explicit.iter().any(|e| e == id)
+    }
+
+    /// Read `--config`, if given.
+    pub fn config_file(&self) -> Result<Option<FileConfig>, ConfigError> {
+        self.config
+            .as_deref()
+            .map(file::load)
+            .transpose()
+            .map_err(ConfigError)
+    }
+
+    /// The file's global settings, where no flag was given.
+    fn apply_file_globals(&self, s: &mut Settings, g: &Globals) {
+        if let Some(v) = g.mode
+            && !self.given("mode")
+        {
+            s.mode = v;
+        }
+        if let Some(v) = g.splice
+            && !self.given("splice")
+        {
+            s.splice = v;
+        }
+        if let Some(v) = g.nodelay
+            && !self.given("no_nodelay")
+        {
+            s.nodelay = v;
+        }
+        if let Some(v) = g.connect_timeout
+            && !self.given("connect_timeout")
+        {
+            s.connect_timeout = v;
+        }
+        if let Some(v) = g.idle_timeout
+            && !self.given("idle_timeout")
+        {
+            s.idle_timeout = Some(v);
+        }
+        if let Some(v) = g.max_conns
+            && !self.given("max_conns")
+        {
+            s.max_conns = v;
+        }
+        if let Some(v) = g.drain_timeout
+            && !self.given("drain_timeout")
+        {
+            s.drain_timeout = v;
+        }
+    }
+
+    /// The flags' pool settings over the file's global ones (a flag given
+    /// explicitly wins), checked.
+    fn pool_config_over(&self, file: Option<&FileConfig>) -> Result<PoolConfig, ConfigError> {
+        let mut p = self.pool_config()?;
+        if let Some(f) = file {
+            let g = &f.globals.pool;
+            let pick = |id: &str, v: bool| v && !self.given(id);
+            if pick("balance", g.balance.is_some()) {
+                p.balance = g.balance.unwrap();
+            }
+            if pick("health_fails", g.fails.is_some()) {
+                p.fails = g.fails.unwrap();
+            }
+            if pick("health_backoff", g.backoff.is_some()) {
+                p.backoff = g.backoff.unwrap();
+            }
+            if pick("health_backoff_max", g.backoff_max.is_some()) {
+                p.backoff_max = g.backoff_max.unwrap();
+            }
+            if p.backoff_max < p.backoff {
+                return Err(ConfigError(format!(
+                    "--config {}: health backoff_max {:?} is shorter than backoff {:?}",
+                    self.config.as_deref().unwrap_or(""),
+                    p.backoff_max,
+                    p.backoff
+                )));
+            }
+        }
+        Ok(p)
     }
 
     /// `--balance` and the passive-health flags, as every flag-configured
@@ -248,6 +369,22 @@ fn check_overlaps(forwards: &[Forward]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// The settings line `--check` prints after the table when `--config` is
+/// given (what the file and the flags combine to).
+pub fn settings_line(s: &Settings) -> String {
+    format!(
+        "settings: mode={} connect_timeout={:?} idle_timeout={} max_conns={} drain_timeout={:?} nodelay={}\n",
+        s.mode,
+        s.connect_timeout,
+        s.idle_timeout
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_else(|| "none".into()),
+        s.max_conns,
+        s.drain_timeout,
+        s.nodelay
+    )
 }
 
 /// The table `--check` prints.

@@ -7,10 +7,11 @@
 //! per-connection knobs shared by every engine.
 //!
 //! Parsing lives apart from these types: `config/env.rs` reads Docker link
-//! variables, `config/parse.rs` reads flag values, and `cli.rs` ties them to
-//! the command line.
+//! variables, `config/parse.rs` reads flag values, `config/file.rs` reads
+//! `--config` TOML files, and `cli.rs` ties them to the command line.
 
 pub mod env;
+pub mod file;
 pub mod parse;
 
 use std::fmt;

@@ -7,12 +7,14 @@
 use ambassador::cli::Cli;
 use ambassador::config::LogFormat;
 use ambassador::{engine, server};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.mark_explicit(&matches);
     // Non-UTF-8 variables cannot be link variables; skip them.
     let vars = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
@@ -32,6 +34,9 @@ fn main() -> ExitCode {
     };
     if cli.check {
         print!("{}", ambassador::cli::table(&settings, &skipped));
+        if cli.config.is_some() {
+            print!("{}", ambassador::cli::settings_line(&settings));
+        }
         return ExitCode::SUCCESS;
     }
     init_logging(cli.log_format);

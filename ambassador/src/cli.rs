@@ -14,7 +14,7 @@ use clap::Parser;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "ambassador",
     version,

@@ -10,6 +10,7 @@
 //!   variables, `config::parse` reads flag values.
 //! - [`cli`]: the command line and how it becomes [`config::Settings`].
 //! - [`server`]: listeners, accept loops, connecting upstream, signals, drain.
+//! - [`reload`]: SIGHUP / config-file reload (the diff is pure and tested).
 //! - [`engine`]: the contract every engine implements and the start-up choice;
 //!   one module per engine (`engine::sockmap`, `engine::uring`, `engine::epoll`).
 //! - [`bpf`]: loading the eBPF program and talking to its maps.
@@ -28,5 +29,6 @@ pub mod engine;
 pub mod exporter;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod upstream;

@@ -16,9 +16,10 @@ fn main() -> ExitCode {
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     cli.mark_explicit(&matches);
     // Non-UTF-8 variables cannot be link variables; skip them.
-    let vars = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-    let (settings, skipped) = match cli.settings(vars) {
+    let vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let (settings, skipped) = match cli.settings(vars.clone()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ambassador: error: {e}");
@@ -65,7 +66,19 @@ fn main() -> ExitCode {
         tracing::error!("{e}");
         return ExitCode::from(1);
     }
-    match server::run(settings, engine, listeners) {
+    // SIGHUP and file changes build the configuration again the same way.
+    let reloader = {
+        let cli = cli.clone();
+        server::Reloader {
+            path: cli.config.clone(),
+            load: Box::new(move || {
+                cli.settings(vars.clone())
+                    .map(|(s, _)| s)
+                    .map_err(|e| e.to_string())
+            }),
+        }
+    };
+    match server::run_with(settings, engine, listeners, Some(reloader)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -22,8 +22,11 @@
 use crate::config::Settings;
 use crate::engine::{Conn, Engine};
 use crate::metrics::{ActiveGuard, ForwardStats};
+use crate::reload::Live;
+pub use crate::reload::Reloader;
 use crate::upstream::Upstreams;
 use std::cell::Cell;
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -62,7 +65,7 @@ pub fn bind_all(settings: &Settings) -> Result<Vec<std::net::TcpListener>, Start
         .collect()
 }
 
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
@@ -82,9 +85,20 @@ pub fn run(
     engine: Engine,
     listeners: Vec<std::net::TcpListener>,
 ) -> Result<(), StartError> {
+    run_with(settings, engine, listeners, None)
+}
+
+/// [`run`], with a way to reload the configuration on SIGHUP and when the
+/// config file changes (see [`crate::reload`]).
+pub fn run_with(
+    settings: Settings,
+    engine: Engine,
+    listeners: Vec<std::net::TcpListener>,
+    reloader: Option<Reloader>,
+) -> Result<(), StartError> {
     let settings = Rc::new(settings);
     let uring = matches!(engine, Engine::Uring);
-    let serve = serve(settings, Rc::new(engine), listeners);
+    let serve = serve(settings, Rc::new(engine), listeners, reloader);
     if uring {
         let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).map_err(StartError::Runtime)?;
         rt.block_on(serve)
@@ -102,40 +116,16 @@ async fn serve(
     settings: Rc<Settings>,
     engine: Rc<Engine>,
     listeners: Vec<std::net::TcpListener>,
+    reloader: Option<Reloader>,
 ) -> Result<(), StartError> {
-    let (stop_tx, stop_rx) = watch::channel(false);
     let ids = Rc::new(Cell::new(0u64));
-    let mut all_stats = Vec::new();
+    // The running forwards; a reload adds, removes and changes them.
+    let mut live = Live::new(settings.clone(), engine.clone(), ids);
     for (forward, listener) in settings.forwards.iter().zip(listeners) {
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
-        let stats = Arc::new(ForwardStats::default());
-        all_stats.push((forward.source.clone(), stats.clone()));
-        tracing::info!(
-            forward = %forward.source,
-            listen = %forward.listen,
-            target = %forward.target,
-            "listening"
-        );
-        let upstreams = Upstreams::new(
-            forward.source.as_str().into(),
-            forward.target.0.clone(),
-            forward.pool.clone(),
-        );
-        crate::exporter::global().add_forward(crate::exporter::ForwardEntry {
-            listen: forward.listen.to_string(),
-            stats: stats.clone(),
-            backends: upstreams.backend_stats(),
-        });
-        tokio::task::spawn_local(accept_loop(
-            listener,
-            upstreams,
-            stats,
-            settings.clone(),
-            engine.clone(),
-            ids.clone(),
-            stop_rx.clone(),
-        ));
+        live.start(forward.clone(), listener);
     }
+    let mut changes = reloader.as_ref().and_then(Reloader::watch);
     crate::caps::drop_all();
     crate::exporter::on_ready(engine.clone());
     tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
@@ -143,19 +133,26 @@ async fn serve(
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(StartError::Runtime)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Runtime)?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = usr1.recv() => {
                 engine.refresh_stats();
-                log_stats(&all_stats);
+                log_stats(&live.all_stats());
+            }
+            _ = hup.recv() => live.reload(reloader.as_ref(), "SIGHUP"),
+            () = crate::reload::changed(&mut changes) => {
+                live.reload(reloader.as_ref(), "config file changed")
             }
         }
     }
 
     // Drain: stop accepting, wait for the live connections to finish.
-    let _ = stop_tx.send(true);
+    live.stop_all();
+    let settings = live.settings();
+    let all_stats = live.all_stats();
     crate::exporter::global().set_draining();
     let active = || {
         all_stats
@@ -185,17 +182,25 @@ fn log_stats(all: &[(String, Arc<ForwardStats>)]) {
     }
 }
 
-async fn accept_loop(
+/// What an accept loop uses for each new connection: the forward's
+/// backends and the settings. A reload replaces it; connections already
+/// running keep what they started with.
+pub(crate) struct Current {
+    pub upstreams: Rc<Upstreams>,
+    pub settings: Rc<Settings>,
+}
+
+pub(crate) async fn accept_loop(
     listener: TcpListener,
-    upstreams: Rc<Upstreams>,
+    current: Rc<RefCell<Current>>,
     stats: Arc<ForwardStats>,
-    settings: Rc<Settings>,
     engine: Rc<Engine>,
     ids: Rc<Cell<u64>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = (settings.max_conns > 0).then(|| Arc::new(Semaphore::new(settings.max_conns)));
-    let source = upstreams.source();
+    let max_conns = current.borrow().settings.max_conns;
+    let slots = (max_conns > 0).then(|| Arc::new(Semaphore::new(max_conns)));
+    let mut source = current.borrow().upstreams.source();
     loop {
         // Wait for a free slot before accepting: a full forward leaves new
         // clients in the kernel's backlog.
@@ -220,13 +225,12 @@ async fn accept_loop(
         };
         let id = ids.get() + 1;
         ids.set(id);
-        let (stats, settings, engine, upstreams, source) = (
-            stats.clone(),
-            settings.clone(),
-            engine.clone(),
-            upstreams.clone(),
-            source.clone(),
-        );
+        let (upstreams, settings) = {
+            let c = current.borrow();
+            (c.upstreams.clone(), c.settings.clone())
+        };
+        source = upstreams.source();
+        let (stats, engine, source) = (stats.clone(), engine.clone(), source.clone());
         tokio::task::spawn_local(async move {
             let _permit = permit;
             let _active = ActiveGuard::new(&stats);

@@ -237,11 +237,11 @@ impl Live {
     /// Reload from `reloader` (`why`: what triggered it, for the log).
     pub fn reload(&mut self, reloader: Option<&Reloader>, why: &str) {
         let Some(r) = reloader.filter(|r| r.path.is_some()) else {
-            tracing::info!(trigger = why, "nothing to reload: no --config file");
+            tracing::info!(trigger = %why, "nothing to reload: no --config file");
             return;
         };
         let file = r.path.as_deref().unwrap_or("");
-        tracing::info!(trigger = why, file, "reloading");
+        tracing::info!(trigger = %why, file, "reloading");
         let new = match (r.load)() {
             Ok(s) => s,
             Err(reason) => {

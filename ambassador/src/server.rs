@@ -126,6 +126,8 @@ async fn serve(
         live.start(forward.clone(), listener);
     }
     let mut changes = reloader.as_ref().and_then(Reloader::watch);
+    // Before `ready`: a SIGHUP right after it must reload, not kill.
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Runtime)?;
     crate::caps::drop_all();
     crate::exporter::on_ready(engine.clone());
     tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
@@ -133,7 +135,6 @@ async fn serve(
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(StartError::Runtime)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Runtime)?;
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -30,8 +30,16 @@
 //!                          └───────┘
 //! ```
 //!
-//! A `Trial` backend takes connections again; the first result decides. The
-//! time is passed in (`now`), so the whole machine is tested without
+//! A `Trial` backend takes connections again; the first result decides.
+//!
+//! Active checks (`--health-interval`, off by default) add HAProxy's rise
+//! and fall: a TCP connect to each backend every interval; `fall`
+//! consecutive failed checks take an `Up` backend `Down`, and `rise`
+//! consecutive good checks bring a `Down` backend back — with checks on, a
+//! down backend returns only that way, never by time alone. Connect
+//! failures of real clients still eject as above.
+//!
+//! The time is passed in (`now`), so the whole machine is tested without
 //! sleeping.
 
 use std::fmt;
@@ -67,6 +75,12 @@ pub struct PoolConfig {
     pub backoff: Duration,
     /// The longest ejection.
     pub backoff_max: Duration,
+    /// Active TCP checks every `interval` (None: passive health only).
+    pub interval: Option<Duration>,
+    /// Active checks: consecutive successes that bring a down backend back.
+    pub rise: u32,
+    /// Active checks: consecutive failures that take an up backend down.
+    pub fall: u32,
 }
 
 impl Default for PoolConfig {
@@ -76,6 +90,9 @@ impl Default for PoolConfig {
             fails: 3,
             backoff: Duration::from_secs(10),
             backoff_max: Duration::from_secs(60),
+            interval: None,
+            rise: 2,
+            fall: 3,
         }
     }
 }
@@ -115,6 +132,9 @@ pub enum Transition {
 struct Member {
     health: Health,
     active: u64,
+    /// Active checks: consecutive successes / failures so far.
+    checks_ok: u32,
+    checks_failed: u32,
 }
 
 /// The backends of one forward, their health and live connection counts.
@@ -134,6 +154,8 @@ impl Pool {
                 Member {
                     health: Health::Up { failures: 0 },
                     active: 0,
+                    checks_ok: 0,
+                    checks_failed: 0,
                 };
                 backends
             ],
@@ -162,9 +184,14 @@ impl Pool {
     }
 
     /// Move every `Down` backend whose back-off is over to `Trial`.
-    /// Returns the indexes that changed, for logging.
+    /// Returns the indexes that changed, for logging. With active checks
+    /// nothing moves by time: a down backend comes back after `rise`
+    /// good checks ([`Pool::checked`]).
     pub fn tick(&mut self, now: Instant) -> Vec<usize> {
         let mut changed = Vec::new();
+        if self.cfg.interval.is_some() {
+            return changed;
+        }
         for (i, m) in self.members.iter_mut().enumerate() {
             if let Health::Down { until, backoff } = m.health
                 && now >= until
@@ -228,7 +255,37 @@ impl Pool {
             until: now + backoff,
             backoff,
         };
+        // Active checks must show `rise` fresh successes to bring it back.
+        m.checks_ok = 0;
         Some(Transition::Ejected { backoff })
+    }
+
+    /// The result of an active check of backend `i` (HAProxy's rise/fall):
+    /// `fall` consecutive failures take an `Up` backend `Down`; `rise`
+    /// consecutive successes bring a `Down` (or `Trial`) one back `Up`.
+    pub fn checked(&mut self, i: usize, ok: bool, now: Instant) -> Option<Transition> {
+        let (rise, fall) = (self.cfg.rise.max(1), self.cfg.fall.max(1));
+        let backoff = self.cfg.backoff.min(self.cfg.backoff_max);
+        let m = &mut self.members[i];
+        if ok {
+            m.checks_failed = 0;
+            m.checks_ok = m.checks_ok.saturating_add(1);
+            if !matches!(m.health, Health::Up { .. }) && m.checks_ok >= rise {
+                m.health = Health::Up { failures: 0 };
+                return Some(Transition::Restored);
+            }
+        } else {
+            m.checks_ok = 0;
+            m.checks_failed = m.checks_failed.saturating_add(1);
+            if !matches!(m.health, Health::Down { .. }) && m.checks_failed >= fall {
+                m.health = Health::Down {
+                    until: now + backoff,
+                    backoff,
+                };
+                return Some(Transition::Ejected { backoff });
+            }
+        }
+        None
     }
 
     /// A connection to backend `i` opened / closed (for `least-conn`).
@@ -249,10 +306,48 @@ mod tests {
     fn cfg(balance: Balance) -> PoolConfig {
         PoolConfig {
             balance,
-            fails: 3,
-            backoff: Duration::from_secs(10),
-            backoff_max: Duration::from_secs(60),
+            ..PoolConfig::default()
         }
+    }
+
+    #[test]
+    fn active_checks_rise_and_fall() {
+        let now = Instant::now();
+        let mut p = Pool::new(
+            2,
+            PoolConfig {
+                interval: Some(Duration::from_secs(1)),
+                rise: 2,
+                fall: 3,
+                ..PoolConfig::default()
+            },
+        );
+        // A good check in between resets the failure streak.
+        assert_eq!(p.checked(0, false, now), None);
+        assert_eq!(p.checked(0, false, now), None);
+        assert_eq!(p.checked(0, true, now), None);
+        assert_eq!(p.checked(0, false, now), None);
+        assert_eq!(p.checked(0, false, now), None);
+        assert!(matches!(
+            p.checked(0, false, now),
+            Some(Transition::Ejected { .. })
+        ));
+        assert_eq!(p.plan(), [1]);
+        // Time alone does not bring it back with active checks on.
+        assert!(p.tick(now + Duration::from_secs(3600)).is_empty());
+        assert_eq!(p.plan(), [1]);
+        assert_eq!(p.checked(0, false, now), None, "already down");
+        assert_eq!(p.checked(0, true, now), None);
+        assert_eq!(p.checked(0, true, now), Some(Transition::Restored));
+        assert_eq!(p.health(0), Health::Up { failures: 0 });
+        assert_eq!(p.plan().len(), 2);
+        // Passive ejection still works; checks bring it back.
+        for _ in 0..3 {
+            p.failed(1, now);
+        }
+        assert!(!p.health(1).is_up());
+        p.checked(1, true, now);
+        assert_eq!(p.checked(1, true, now), Some(Transition::Restored));
     }
 
     #[test]

@@ -80,6 +80,18 @@ pub struct Cli {
     #[arg(long, default_value = "60s", value_name = "DUR")]
     pub health_backoff_max: String,
 
+    /// Active TCP health checks: connect to every backend this often (off by default).
+    #[arg(long, value_name = "DUR")]
+    pub health_interval: Option<String>,
+
+    /// Active checks: consecutive good checks that bring a down backend back.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub health_rise: u32,
+
+    /// Active checks: consecutive failed checks that take a backend down.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub health_fall: u32,
+
     /// Serve /metrics (Prometheus), /healthz and /readyz on ADDR:PORT (off by default).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
@@ -310,6 +322,15 @@ impl Cli {
             if pick("health_backoff_max", g.backoff_max.is_some()) {
                 p.backoff_max = g.backoff_max.unwrap();
             }
+            if pick("health_interval", g.interval.is_some()) {
+                p.interval = g.interval;
+            }
+            if pick("health_rise", g.rise.is_some()) {
+                p.rise = g.rise.unwrap();
+            }
+            if pick("health_fall", g.fall.is_some()) {
+                p.fall = g.fall.unwrap();
+            }
             if p.backoff_max < p.backoff {
                 return Err(ConfigError(format!(
                     "--config {}: health backoff_max {:?} is shorter than backoff {:?}",
@@ -338,11 +359,28 @@ impl Cli {
                 "--health-backoff-max: {backoff_max:?} is shorter than --health-backoff {backoff:?}"
             )));
         }
+        let interval = self
+            .health_interval
+            .as_deref()
+            .map(|v| flag_duration("--health-interval", v))
+            .transpose()?;
+        if interval.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError("--health-interval: must be more than 0".into()));
+        }
+        if self.health_rise == 0 {
+            return Err(ConfigError("--health-rise: must be at least 1".into()));
+        }
+        if self.health_fall == 0 {
+            return Err(ConfigError("--health-fall: must be at least 1".into()));
+        }
         Ok(PoolConfig {
             balance: self.balance,
             fails: self.health_fails,
             backoff,
             backoff_max,
+            interval,
+            rise: self.health_rise,
+            fall: self.health_fall,
         })
     }
 }
@@ -426,13 +464,17 @@ pub fn table(settings: &Settings, skipped: &[Skipped]) -> String {
     for f in settings.forwards.iter().filter(|f| f.target.len() > 1) {
         let p = &f.pool;
         out.push_str(&format!(
-            "backends {}: {} over {}; ejected after {} connect failures for {:?} (doubling up to {:?})\n",
+            "backends {}: {} over {}; ejected after {} connect failures for {:?} (doubling up to {:?}){}\n",
             f.source,
             p.balance,
             f.target.len(),
             p.fails,
             p.backoff,
-            p.backoff_max
+            p.backoff_max,
+            match p.interval {
+                Some(i) => format!("; checked every {i:?} (rise {}, fall {})", p.rise, p.fall),
+                None => String::new(),
+            }
         ));
     }
     for s in skipped {

@@ -111,17 +111,27 @@ impl Drop for Lease {
 }
 
 impl Upstreams {
+    /// The backends of a forward. With `cfg.interval` set this spawns one
+    /// active checker per backend on the current (local) runtime; the
+    /// checkers end once the `Upstreams` is gone.
     pub fn new(forward: Rc<str>, backends: Vec<Target>, cfg: PoolConfig) -> Rc<Upstreams> {
         let stats = backends
             .iter()
             .map(|_| Arc::new(BackendStats::new()))
             .collect();
-        Rc::new(Upstreams {
+        let interval = cfg.interval;
+        let ups = Rc::new(Upstreams {
             forward,
             pool: RefCell::new(Pool::new(backends.len(), cfg)),
             backends,
             stats,
-        })
+        });
+        if let Some(every) = interval {
+            for i in 0..ups.backends.len() {
+                tokio::task::spawn_local(check_loop(Rc::downgrade(&ups), i, every));
+            }
+        }
+        ups
     }
 
     /// The forward's source (variable or flag), for logs.
@@ -211,12 +221,16 @@ impl Upstreams {
 
     /// Log a health transition of backend `i` and update its gauge.
     fn note(&self, i: usize, t: Transition) {
+        self.note_why(i, t, "consecutive connect failures")
+    }
+
+    fn note_why(&self, i: usize, t: Transition, why: &str) {
         let backend = &self.backends[i];
         match t {
             Transition::Ejected { backoff } => {
                 self.stats[i].up.store(false, Relaxed);
                 tracing::warn!(forward = %self.forward, backend = %backend, backoff = ?backoff,
-                    "backend down: ejected after consecutive connect failures");
+                    reason = why, "backend down: ejected");
             }
             Transition::Trial => {
                 self.stats[i].up.store(true, Relaxed);
@@ -227,6 +241,29 @@ impl Upstreams {
                 self.stats[i].up.store(true, Relaxed);
                 tracing::info!(forward = %self.forward, backend = %backend, "backend up");
             }
+        }
+    }
+}
+
+/// Active TCP health check of backend `i`: a connect every `every`
+/// (within the smaller of `every` and 5 s), closed at once; the result goes
+/// to the pool's rise/fall counters. Ends when the forward's `Upstreams`
+/// is dropped (removed or changed by a reload, and its connections done).
+async fn check_loop(ups: std::rc::Weak<Upstreams>, i: usize, every: Duration) {
+    let limit = every.min(Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(u) = ups.upgrade() else { return };
+        let target = u.backends[i].clone();
+        drop(u);
+        let ok = matches!(
+            tokio::time::timeout(limit, connect(&target)).await,
+            Ok(Ok(_))
+        );
+        let Some(u) = ups.upgrade() else { return };
+        let change = u.pool.borrow_mut().checked(i, ok, Instant::now());
+        if let Some(t) = change {
+            u.note_why(i, t, "failed health checks");
         }
     }
 }

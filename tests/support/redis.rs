@@ -14,7 +14,11 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
-        let port = crate::support::free_port();
+        Redis::start_on(crate::support::free_port())
+    }
+
+    /// Start on `port` (e.g. again, after [`Redis::kill`]).
+    pub fn start_on(port: u16) -> Redis {
         let child = Command::new("redis-server")
             .args([
                 "--port",

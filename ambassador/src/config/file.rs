@@ -4,10 +4,13 @@
 //! connect_timeout = "2s"      # any flag's setting: idle_timeout, max_conns,
 //! balance = "least-conn"      # drain_timeout, nodelay, mode, splice
 //!
-//! [health]                    # passive health, for every forward
-//! fails = 3
+//! [health]                    # health, for every forward
+//! fails = 3                   # passive: connect failures that eject
 //! backoff = "10s"
 //! backoff_max = "1m"
+//! interval = "2s"             # active TCP checks (absent: none)
+//! rise = 2
+//! fall = 3
 //!
 //! [[forward]]
 //! name = "redis"              # optional; shown as the forward's source
@@ -58,6 +61,9 @@ struct HealthDoc {
     fails: Option<Spanned<u32>>,
     backoff: Option<Spanned<String>>,
     backoff_max: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +83,9 @@ pub struct PoolOverride {
     pub fails: Option<u32>,
     pub backoff: Option<Duration>,
     pub backoff_max: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
 }
 
 impl PoolOverride {
@@ -87,6 +96,9 @@ impl PoolOverride {
             fails: self.fails.unwrap_or(base.fails),
             backoff: self.backoff.unwrap_or(base.backoff),
             backoff_max: self.backoff_max.unwrap_or(base.backoff_max),
+            interval: self.interval.or(base.interval),
+            rise: self.rise.unwrap_or(base.rise),
+            fall: self.fall.unwrap_or(base.fall),
         }
     }
 }
@@ -190,6 +202,26 @@ impl At<'_> {
             }
             if let Some(b) = &h.backoff_max {
                 o.backoff_max = Some(self.duration(&format!("{prefix}health.backoff_max"), b)?);
+            }
+            if let Some(b) = &h.interval {
+                let key = format!("{prefix}health.interval");
+                let d = self.duration(&key, b)?;
+                if d.is_zero() {
+                    return Err(self.err(&b.span(), &key, "must be more than 0"));
+                }
+                o.interval = Some(d);
+            }
+            for (name, v, slot) in [
+                ("rise", &h.rise, &mut o.rise),
+                ("fall", &h.fall, &mut o.fall),
+            ] {
+                if let Some(n) = v {
+                    if *n.get_ref() == 0 {
+                        let key = format!("{prefix}health.{name}");
+                        return Err(self.err(&n.span(), &key, "must be at least 1"));
+                    }
+                    *slot = Some(*n.get_ref());
+                }
             }
         }
         Ok(o)
@@ -330,6 +362,8 @@ balance = "least-conn"
 [health]
 fails = 4
 backoff = "5s"
+interval = "1s"
+rise = 3
 
 [[forward]]
 name = "redis"
@@ -366,6 +400,10 @@ balance = "round-robin"
         );
         let p = c.forwards[1].pool.apply(&base);
         assert_eq!((p.balance, p.fails), (Balance::RoundRobin, 4));
+        assert_eq!(
+            (p.interval, p.rise, p.fall),
+            (Some(Duration::from_secs(1)), 3, 3)
+        );
         assert_eq!(c.forwards[1].forward.listen.to_string(), "0.0.0.0:5432");
         assert_eq!(c.forwards[1].forward.source, "amb.toml[0.0.0.0:5432]");
     }

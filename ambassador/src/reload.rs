@@ -53,6 +53,9 @@ pub struct Reloader {
 pub struct Changes {
     _watcher: notify::RecommendedWatcher,
     rx: mpsc::UnboundedReceiver<()>,
+    /// An event arrived and its quiet period has not ended yet (survives a
+    /// cancelled [`changed`], so no change is lost to another signal).
+    pending: bool,
 }
 
 impl Reloader {
@@ -80,7 +83,11 @@ impl Reloader {
             Ok(w)
         });
         match watcher {
-            Ok(w) => Some(Changes { _watcher: w, rx }),
+            Ok(w) => Some(Changes {
+                _watcher: w,
+                rx,
+                pending: false,
+            }),
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e,
                     "cannot watch the config file: reload with SIGHUP");
@@ -96,11 +103,15 @@ pub async fn changed(changes: &mut Option<Changes>) {
     let Some(c) = changes else {
         return std::future::pending().await;
     };
-    if c.rx.recv().await.is_none() {
-        *changes = None;
-        return std::future::pending().await;
+    if !c.pending {
+        if c.rx.recv().await.is_none() {
+            *changes = None;
+            return std::future::pending().await;
+        }
+        c.pending = true;
     }
     while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(300), c.rx.recv()).await {}
+    c.pending = false;
 }
 
 /// What a reload changes, by listen address.

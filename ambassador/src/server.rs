@@ -9,15 +9,17 @@
 //! 1. take a slot from the forward's `--max-conns` semaphore (when the
 //!    forward is full we stop calling accept, so new clients wait in the
 //!    kernel's backlog instead of being accepted and reset);
-//! 2. accept, then connect to the target (a hostname is resolved again for
-//!    every connection) within `--connect-timeout`; if the upstream refuses
-//!    or is unreachable the client is closed at once and one warning names
-//!    both addresses;
+//! 2. accept, then connect to a backend (see [`crate::upstream`]: balancing,
+//!    retrying the next healthy backend, passive and active health; a
+//!    hostname is resolved again for every connection) within
+//!    `--connect-timeout`; if no backend answers the client is closed at
+//!    once and one warning names both addresses;
 //! 3. set TCP_NODELAY on both sockets and hand them to the engine.
 //!
 //! SIGTERM or SIGINT stops the accept loops, lets live connections finish
 //! for up to `--drain-timeout`, logs the counters and returns. SIGUSR1 logs
-//! the counters.
+//! the counters. SIGHUP (and a change of the `--config` file) reloads the
+//! forwards without dropping a connection: see [`crate::reload`].
 
 use crate::config::Settings;
 use crate::engine::{Conn, Engine};

@@ -12,8 +12,12 @@ use std::process::Command;
 use support::*;
 
 fn proxy(backends: &[&Redis], extra: &[&str]) -> Proxy {
+    proxy_on("epoll", backends, extra)
+}
+
+fn proxy_on(mode: &str, backends: &[&Redis], extra: &[&str]) -> Proxy {
     let list: Vec<String> = backends.iter().map(|r| r.addr()).collect();
-    Proxy::forward("epoll", &list.join(","), extra)
+    Proxy::forward(mode, &list.join(","), extra)
 }
 
 /// A client through the proxy that gets an answer from some redis.
@@ -80,8 +84,24 @@ fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn a_killed_redis_is_skipped_and_then_ejected() {
+    killed_redis("epoll")
+}
+
+/// The engines never see the choice: the same through io_uring and the
+/// in-kernel splice.
+#[test]
+fn a_killed_redis_is_skipped_and_then_ejected_uring() {
+    killed_redis("uring")
+}
+
+#[test]
+fn a_killed_redis_is_skipped_and_then_ejected_sockmap() {
+    killed_redis("sockmap")
+}
+
+fn killed_redis(mode: &str) {
     let (mut r1, r2) = (Redis::start(), Redis::start());
-    let p = proxy(&[&r1, &r2], &[]);
+    let p = proxy_on(mode, &[&r1, &r2], &[]);
     for _ in 0..4 {
         ping(&p);
     }

@@ -288,6 +288,17 @@ impl Pool {
         None
     }
 
+    /// Take over backend `j` of `from` as backend `i` (a reload kept that
+    /// backend): its health and check streaks, not its live connections
+    /// (those stay counted where they started).
+    pub fn adopt(&mut self, i: usize, from: &Pool, j: usize) {
+        let m = &from.members[j];
+        let to = &mut self.members[i];
+        to.health = m.health;
+        to.checks_ok = m.checks_ok;
+        to.checks_failed = m.checks_failed;
+    }
+
     /// A connection to backend `i` opened / closed (for `least-conn`).
     pub fn opened(&mut self, i: usize) {
         self.members[i].active += 1;
@@ -308,6 +319,23 @@ mod tests {
             balance,
             ..PoolConfig::default()
         }
+    }
+
+    #[test]
+    fn adopt_keeps_health_but_not_live_connections() {
+        let now = Instant::now();
+        let mut old = Pool::new(2, cfg(Balance::RoundRobin));
+        for _ in 0..3 {
+            old.failed(1, now);
+        }
+        old.opened(0);
+        let mut new = Pool::new(3, cfg(Balance::RoundRobin));
+        new.adopt(0, &old, 1);
+        new.adopt(1, &old, 0);
+        assert!(!new.health(0).is_up());
+        assert_eq!(new.health(1), Health::Up { failures: 0 });
+        assert_eq!(new.active(1), 0);
+        assert_eq!(new.plan(), [1, 2]);
     }
 
     #[test]

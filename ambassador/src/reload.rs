@@ -17,7 +17,8 @@
 //!    already bound for it are closed. Only then: a removed forward stops
 //!    accepting (its listener closes) while its connections run to their
 //!    end; a changed forward's accept loop gets its new backends for the
-//!    next client (live connections keep theirs); an added forward starts.
+//!    next client (live connections keep theirs; a backend kept by the
+//!    change keeps its health and counters); an added forward starts.
 //!    Timeouts apply to connections accepted from then on. `mode`, `splice`
 //!    and `max_conns` of running forwards need a restart; a reload that
 //!    changes them says so in a warning and applies the rest.
@@ -193,9 +194,14 @@ impl Live {
         self.all.clone()
     }
 
-    fn current(&self, f: &Forward, stats: &Arc<ForwardStats>) -> Current {
-        let upstreams =
-            Upstreams::new(f.source.as_str().into(), f.target.0.clone(), f.pool.clone());
+    /// The accept loop's state for `f`; `old`: the one a change replaces.
+    fn current(&self, f: &Forward, stats: &Arc<ForwardStats>, old: Option<&Upstreams>) -> Current {
+        let upstreams = Upstreams::replacing(
+            old,
+            f.source.as_str().into(),
+            f.target.0.clone(),
+            f.pool.clone(),
+        );
         crate::exporter::global().add_forward(crate::exporter::ForwardEntry {
             listen: f.listen.to_string(),
             stats: stats.clone(),
@@ -216,7 +222,7 @@ impl Live {
             target = %forward.target,
             "listening"
         );
-        let current = Rc::new(RefCell::new(self.current(&forward, &stats)));
+        let current = Rc::new(RefCell::new(self.current(&forward, &stats, None)));
         let (stop, stop_rx) = watch::channel(false);
         tokio::task::spawn_local(accept_loop(
             listener,
@@ -298,10 +304,14 @@ impl Live {
             }
         }
         for f in &d.changed {
-            let Some(stats) = self.running.get(&f.listen).map(|r| r.stats.clone()) else {
+            let Some((stats, old)) = self
+                .running
+                .get(&f.listen)
+                .map(|r| (r.stats.clone(), r.current.borrow().upstreams.clone()))
+            else {
                 continue;
             };
-            let current = self.current(f, &stats);
+            let current = self.current(f, &stats, Some(&old));
             let r = self.running.get_mut(&f.listen).expect("present");
             *r.current.borrow_mut() = current;
             tracing::info!(forward = %f.source, listen = %f.listen, target = %f.target,

@@ -35,6 +35,8 @@ pub struct Upstreams {
     backends: Vec<Target>,
     pool: RefCell<Pool>,
     stats: Vec<Arc<BackendStats>>,
+    /// Replaced by a reload: its checkers stop.
+    retired: std::cell::Cell<bool>,
 }
 
 /// Why a client got no upstream. Its [`Failure::log`] is the one warning.
@@ -115,16 +117,39 @@ impl Upstreams {
     /// active checker per backend on the current (local) runtime; the
     /// checkers end once the `Upstreams` is gone.
     pub fn new(forward: Rc<str>, backends: Vec<Target>, cfg: PoolConfig) -> Rc<Upstreams> {
-        let stats = backends
-            .iter()
-            .map(|_| Arc::new(BackendStats::new()))
-            .collect();
+        Upstreams::replacing(None, forward, backends, cfg)
+    }
+
+    /// Like [`Upstreams::new`], for a reload that changed the forward: a
+    /// backend that `old` also has keeps its counters and its health;
+    /// `old` is retired (its checkers stop; its live connections go on).
+    pub fn replacing(
+        old: Option<&Upstreams>,
+        forward: Rc<str>,
+        backends: Vec<Target>,
+        cfg: PoolConfig,
+    ) -> Rc<Upstreams> {
         let interval = cfg.interval;
+        let mut pool = Pool::new(backends.len(), cfg);
+        let mut stats = Vec::new();
+        for (i, t) in backends.iter().enumerate() {
+            match old.and_then(|o| o.backends.iter().position(|b| b == t).map(|j| (o, j))) {
+                Some((o, j)) => {
+                    pool.adopt(i, &o.pool.borrow(), j);
+                    stats.push(o.stats[j].clone());
+                }
+                None => stats.push(Arc::new(BackendStats::new())),
+            }
+        }
+        if let Some(o) = old {
+            o.retired.set(true);
+        }
         let ups = Rc::new(Upstreams {
             forward,
-            pool: RefCell::new(Pool::new(backends.len(), cfg)),
+            pool: RefCell::new(pool),
             backends,
             stats,
+            retired: std::cell::Cell::new(false),
         });
         if let Some(every) = interval {
             for i in 0..ups.backends.len() {
@@ -253,14 +278,18 @@ async fn check_loop(ups: std::rc::Weak<Upstreams>, i: usize, every: Duration) {
     let limit = every.min(Duration::from_secs(5));
     loop {
         tokio::time::sleep(every).await;
-        let Some(u) = ups.upgrade() else { return };
+        let Some(u) = ups.upgrade().filter(|u| !u.retired.get()) else {
+            return;
+        };
         let target = u.backends[i].clone();
         drop(u);
         let ok = matches!(
             tokio::time::timeout(limit, connect(&target)).await,
             Ok(Ok(_))
         );
-        let Some(u) = ups.upgrade() else { return };
+        let Some(u) = ups.upgrade().filter(|u| !u.retired.get()) else {
+            return;
+        };
         let change = u.pool.borrow_mut().checked(i, ok, Instant::now());
         if let Some(t) = change {
             u.note_why(i, t, "failed health checks");

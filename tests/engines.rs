@@ -4,7 +4,9 @@
 //! `--max-conns` holds new clients back instead of resetting them.
 //!
 //! The same tests run once per engine (`epoll`, `uring`, `sockmap` with
-//! every connection spliced, and `sockmap_adaptive`, the default policy);
+//! every connection spliced, and `sockmap_adaptive`, the default policy,
+//! here promoting at the first quiet point so that most tests run through
+//! a promotion; tests/sockmap.rs has the deterministic promotion tests);
 //! an engine that cannot start on this machine fails its tests loudly.
 
 mod support;
@@ -102,7 +104,12 @@ fn upstream_resets(mode: &str) {
         thread::sleep(Duration::from_millis(100));
         reset(s);
     });
-    let p = Proxy::forward(mode, &format!("127.0.0.1:{port}"), &[]);
+    // A second forward of the same process, to an echo server: after the
+    // reset, the proxy itself must still serve.
+    let echo = echo_server();
+    let second = free_port();
+    let fwd = format!("127.0.0.1:{second}=127.0.0.1:{echo}");
+    let p = Proxy::forward(mode, &format!("127.0.0.1:{port}"), &["--forward", &fwd]);
     let mut c = p.connect();
     c.write_all(&Stream::bytes(5, 1 << 20)).unwrap();
     let mut got = 0;
@@ -118,11 +125,9 @@ fn upstream_resets(mode: &str) {
         matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "client must see a reset after {got} bytes, got {end:?}"
     );
-    // The proxy itself is fine: a new connection works.
-    let echo = echo_server();
-    drop(p);
-    let p = Proxy::forward(mode, &format!("127.0.0.1:{echo}"), &[]);
-    let mut c = p.connect();
+    // The proxy itself is fine: the same process serves a new connection.
+    let mut c = TcpStream::connect(("127.0.0.1", second)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(b"ping").unwrap();
     let mut b = [0u8; 4];
     c.read_exact(&mut b).unwrap();

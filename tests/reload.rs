@@ -211,7 +211,7 @@ fn sighup_without_a_config_file_only_logs() {
     let p = Proxy::forward("epoll", &r.addr(), &[]);
     p.signal(libc::SIGHUP);
     assert!(
-        p.wait_log("nothing to reload: no --config file", 10),
+        p.wait_log("reload requested: no config file, nothing to reload", 10),
         "{}",
         p.log()
     );

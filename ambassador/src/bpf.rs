@@ -5,9 +5,10 @@
 //!   reason it could not (`BPF_PROG_LOAD: EPERM — needs CAP_BPF and
 //!   CAP_NET_ADMIN`), which `--mode auto` logs before falling back.
 //! - [`Splicer`] owns the loaded program and its maps: insert a connection's
-//!   two sockets, read the per-direction counters, set the budget.
-//! - A few raw socket helpers the engine needs ([`socket_cookie`], [`kick`],
-//!   [`queued_total`], [`so_error`]).
+//!   two sockets, read the per-direction counters, set the budget, take a
+//!   pair out of the maps again.
+//! - A few raw socket helpers the engine needs ([`socket_cookie`],
+//!   [`kick_verdict`], [`bytes_received`], [`queued_total`], [`so_error`]).
 //!
 //! Unsafe code here is limited to `getsockopt`/`ioctl`/`recv`/`setsockopt`
 //! calls on fds we borrow; each site says why it is sound. The layout of the
@@ -221,29 +222,30 @@ impl Splicer {
     /// 1. a byte queued before the insert is forwarded after the kick (the
     ///    6.4 fix "bpf, sockmap: TCP data stall on recv before accept");
     /// 2. after a FIN on one side (a zero-length skb the program drops) the
-    ///    peer socket carries no error and the other direction still flows.
+    ///    peer socket carries no error and the other direction still flows;
+    /// 3. a pair that leaves the maps is a pair of plain, readable TCP
+    ///    sockets again (the engine's way out of the kernel).
     ///
-    /// The sockets are closed on return, which unlinks them from the maps.
+    /// Every wait is on a condition (poll), bounded by 3 s.
     pub fn self_test(&mut self) -> Result<(), String> {
         use std::io::{Read, Write};
         use std::net::{Shutdown, TcpListener, TcpStream};
-        use std::time::{Duration, Instant};
+        use std::time::Duration;
         let io = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
         let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind"))?;
         let addr = l.local_addr().map_err(io("bind"))?;
         // app <-> a (the proxy's client side), b <-> db (its upstream side).
         let mut app = TcpStream::connect(addr).map_err(io("connect"))?;
-        let (a, _) = l.accept().map_err(io("accept"))?;
-        let b = TcpStream::connect(addr).map_err(io("connect"))?;
+        let (mut a, _) = l.accept().map_err(io("accept"))?;
+        let mut b = TcpStream::connect(addr).map_err(io("connect"))?;
         let (mut db, _) = l.accept().map_err(io("accept"))?;
-        for s in [&app, &db] {
+        for s in [&app, &db, &a, &b] {
             s.set_read_timeout(Some(Duration::from_secs(3)))
                 .map_err(io("timeout"))?;
         }
         app.write_all(b"k").map_err(io("write"))?;
-        let t = Instant::now();
-        while fionread(&a) < 1 && t.elapsed() < Duration::from_secs(3) {
-            std::thread::sleep(Duration::from_millis(1));
+        if !wait_for(&a, libc::POLLIN) {
+            return Err("a byte written on loopback never arrived".into());
         }
         let sa = Sock {
             fd: a.as_raw_fd(),
@@ -259,9 +261,8 @@ impl Splicer {
                 Ok(Inserted::FirstOnly(e)) => return Err(format!("insert: {}", errno_name(e))),
                 Err(e) => return Err(format!("insert: {e}")),
             }
-            let mut one = [0u8; 1];
-            let _ = kick(&a, &mut one);
-            let _ = kick(&b, &mut one);
+            kick_verdict(&a).map_err(io("kick"))?;
+            kick_verdict(&b).map_err(io("kick"))?;
             let mut got = [0u8; 1];
             if db.read_exact(&mut got).is_err() || &got != b"k" {
                 return Err(
@@ -273,7 +274,9 @@ impl Splicer {
             }
             app.shutdown(Shutdown::Write).map_err(io("shutdown"))?;
             // The FIN reaches `a`; then the reverse direction must still work.
-            std::thread::sleep(Duration::from_millis(20));
+            if !wait_for(&a, libc::POLLRDHUP) {
+                return Err("a FIN never reached the spliced socket".into());
+            }
             db.write_all(b"r").map_err(io("write"))?;
             if app.read_exact(&mut got).is_err() || &got != b"r" {
                 return Err("the reverse direction stopped after a FIN".into());
@@ -286,11 +289,45 @@ impl Splicer {
                     ));
                 }
             }
+            // Leave: out of VERDICT, lock barrier, out of PEERS.
+            self.leave(sa.cookie).map_err(io("leave"))?;
+            self.leave(sb.cookie).map_err(io("leave"))?;
+            bytes_received(&a).map_err(io("TCP_INFO"))?;
+            bytes_received(&b).map_err(io("TCP_INFO"))?;
+            self.unlink(sa.cookie).map_err(io("unlink"))?;
+            self.unlink(sb.cookie).map_err(io("unlink"))?;
+            db.write_all(b"y").map_err(io("write"))?;
+            let plain = b.read_exact(&mut got).is_ok() && &got == b"y";
+            let eof = a.read(&mut got).map_err(io("read")).ok() == Some(0);
+            if !plain || !eof {
+                return Err("a socket that left the sockmaps is not readable again".into());
+            }
             Ok(())
         })();
         self.forget(sa.cookie);
         self.forget(sb.cookie);
         result
+    }
+
+    /// Take a socket out of `VERDICT`: no verdict runs for its received
+    /// bytes any more. It stays in `PEERS` (as the destination of the other
+    /// direction) until [`Splicer::unlink`]; meanwhile its receive path is
+    /// not usable (reads return `EAGAIN` while bytes wait), so a connection
+    /// leaves the maps as a whole.
+    pub fn leave(&mut self, cookie: u64) -> io::Result<()> {
+        match self.verdict.remove(&cookie).map_err(map_io) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Take the socket keyed `cookie`'s peer out of `PEERS`. Once both
+    /// entries of a pair are gone the kernel drops both psocks and the
+    /// sockets are plain TCP sockets again. Only call it when every byte
+    /// redirected into either socket has left its psock queue (the drop
+    /// discards what is still queued).
+    pub fn unlink(&mut self, cookie: u64) -> io::Result<()> {
+        self.peers.remove(&cookie).map_err(map_io)
     }
 
     /// The kernel's counters for bytes received on `cookie`'s socket.
@@ -471,36 +508,8 @@ pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(c)
 }
 
-/// A non-blocking `recv` on a spliced socket. Right after the `VERDICT`
-/// insert it is the "kick" that runs the verdict over bytes that were queued
-/// before the insert (they would otherwise wait for the next arrival). It
-/// also takes the socket lock, so any verdict running in softirq for this
-/// socket has finished when it returns. Only bytes the verdict passed
-/// (`SK_PASS`) are ever returned. `Ok(0)` = EOF; `WouldBlock` = nothing.
-pub fn kick(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
-    let mut one = [0u8; 1];
-    // `len == 0` would return before looking at the queue: pass ≥ 1 byte.
-    let buf: &mut [u8] = if buf.is_empty() { &mut one } else { buf };
-    // Safety: `buf` is valid for `buf.len()` bytes of writes.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-/// Bytes this socket has put into its send queue so far, as
-/// `tcpi_bytes_acked + SIOCOUTQ` (= `write_seq - ISN`, plus 1 for the SYN on
-/// the connecting side: use deltas). Read in that order, the sum can only
-/// under-count, never over-count: a drain check based on it is safe.
-pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
+/// `TCP_INFO` of a socket.
+fn tcp_info(fd: &impl AsRawFd) -> io::Result<libc::tcp_info> {
     // Safety: a zeroed `tcp_info` is a valid value; the kernel writes at
     // most `len` bytes into it.
     let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -518,21 +527,80 @@ pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(ti)
+}
+
+/// Bytes TCP has received in order on this socket since it was created
+/// (`tcpi_bytes_received`: each byte once, however often it was sent; a
+/// received FIN counts 1). Reading it takes the socket lock.
+pub fn bytes_received(fd: &impl AsRawFd) -> io::Result<u64> {
+    Ok(tcp_info(fd)?.tcpi_bytes_received)
+}
+
+/// `SIOCINQ`: bytes received but not yet read (only meaningful while the
+/// socket is in no sockmap).
+pub fn inq(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // Safety: SIOCINQ (= FIONREAD) writes one int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
+/// The "kick" for a socket in `VERDICT`: run the verdict over bytes that
+/// are already queued on it (bytes that arrived before the insert would
+/// otherwise wait for the next arrival). `setsockopt(SO_RCVLOWAT, 1)` (the
+/// default value) makes TCP check, under the socket lock, whether it must
+/// signal readable data, which calls the psock's `data_ready` and so the
+/// verdict. It must not be a `recv()`: a read that runs the verdict itself
+/// writes back the `copied_seq` it saw before the verdict consumed those
+/// bytes (`tcp_bpf_recvmsg_parser`), and the socket is unreadable once it
+/// leaves the maps. When it returns, a verdict that was running in softirq
+/// for this socket has finished too.
+pub fn kick_verdict(fd: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // Safety: live fd, a valid int option value.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes this socket has put into its send queue so far, as
+/// `tcpi_bytes_acked + SIOCOUTQ` (= `write_seq - ISN`, plus 1 for the SYN on
+/// the connecting side: use deltas). Read in that order, the sum can only
+/// under-count, never over-count: a drain check based on it is safe.
+pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.tcpi_bytes_acked;
     let mut outq: libc::c_int = 0;
     // Safety: SIOCOUTQ (= TIOCOUTQ) writes one int.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(ti.tcpi_bytes_acked + outq.max(0) as u64)
+    Ok(acked + outq.max(0) as u64)
 }
 
-/// `FIONREAD`: bytes readable now (only meaningful before the insert).
-fn fionread(fd: &impl AsRawFd) -> i32 {
-    let mut n: libc::c_int = 0;
-    // Safety: FIONREAD writes one int.
-    unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
-    n
+/// Wait (at most 3 s) until `fd` reports `events` in `poll(2)`.
+fn wait_for(fd: &impl AsRawFd, events: libc::c_short) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // Safety: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, 3000) };
+    n == 1 && p.revents & events != 0
 }
 
 /// `SO_ERROR` (0 = none).

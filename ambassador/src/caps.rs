@@ -4,47 +4,66 @@
 //! maps (CAP_BPF + CAP_NET_ADMIN, or CAP_SYS_ADMIN) and binding ports below
 //! 1024 (CAP_NET_BIND_SERVICE). Inserting sockets into a sockmap needs only
 //! the map's file descriptor, which we already hold. So once every listener
-//! is bound we clear the effective, permitted and inheritable sets: a
-//! compromised ambassador cannot load BPF programs or bind new privileged
+//! is bound we clear the ambient, inheritable, effective and permitted sets:
+//! a compromised ambassador cannot load BPF programs or bind new privileged
 //! ports.
+//!
+//! The sets are read and written with `capget(2)`/`capset(2)` (the `caps`
+//! crate), never by parsing `/proc/self/status`: a `/proc` that cannot be
+//! read must not look like "nothing to drop". After the drop the sets are
+//! read back, and if they are not empty (or cannot be read) start-up fails:
+//! running with privileges we meant to give up is worse than not running.
 
-/// `capset(2)` with empty sets. Logs what was held and whether the drop
-/// worked; never fails the process.
-pub fn drop_all() {
-    let held = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("CapEff:"))
-                .map(|l| l["CapEff:".len()..].trim().to_string())
-        })
-        .unwrap_or_default();
-    if held.chars().all(|c| c == '0') {
-        return;
+use caps::{CapSet, CapsHashSet};
+
+/// The sets that must end up empty, in the order they are cleared: the
+/// effective set before the permitted one (the kernel refuses an effective
+/// set that is not a subset of the permitted set).
+const DROP_ORDER: [CapSet; 4] = [
+    CapSet::Ambient,
+    CapSet::Inheritable,
+    CapSet::Effective,
+    CapSet::Permitted,
+];
+
+/// What was held before the drop (effective or permitted), as the hex mask
+/// `/proc/<pid>/status` shows, for the log line; `None` if nothing was.
+pub struct Dropped(pub Option<String>);
+
+/// Clear every capability set of this thread (the only thread at this
+/// point that serves connections), then verify the effective and permitted
+/// sets are empty (the kernel keeps the ambient set inside the permitted
+/// one, so it is empty too). Err is one line for the operator.
+pub fn drop_all() -> Result<Dropped, String> {
+    let before = read(CapSet::Effective)?;
+    let held_permitted = read(CapSet::Permitted)?;
+    for set in DROP_ORDER {
+        caps::clear(None, set).map_err(|e| format!("cannot drop capabilities ({set:?}): {e}"))?;
     }
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        let left = read(set)?;
+        if !left.is_empty() {
+            return Err(format!(
+                "cannot drop capabilities: {set:?} set still holds {}",
+                names(&left)
+            ));
+        }
     }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [Data::default(); 2];
-    // Safety: header and data are valid, correctly sized capset(2) arguments.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    if rc == 0 {
-        tracing::info!(was = %held, "capabilities dropped");
-    } else {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "could not drop capabilities");
-    }
+    let mask: u64 = before
+        .union(&held_permitted)
+        .map(|c| c.bitmask())
+        .fold(0, |a, b| a | b);
+    let held = (mask != 0).then(|| format!("{mask:016x}"));
+    Ok(Dropped(held))
+}
+
+fn read(set: CapSet) -> Result<CapsHashSet, String> {
+    caps::read(None, set).map_err(|e| format!("cannot verify capabilities ({set:?}): {e}"))
+}
+
+/// `CAP_BPF,CAP_NET_ADMIN`, sorted, for logs.
+fn names(set: &CapsHashSet) -> String {
+    let mut v: Vec<String> = set.iter().map(|c| c.to_string()).collect();
+    v.sort();
+    v.join(",")
 }

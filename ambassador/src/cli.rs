@@ -11,6 +11,7 @@ use crate::config::env::{self, Skipped};
 use crate::config::file::{self, FileConfig, Globals};
 use crate::config::{Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
 use clap::Parser;
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -123,23 +124,29 @@ pub struct Cli {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-fn flag_duration(flag: &str, v: &str) -> Result<Duration, ConfigError> {
-    parse::duration(v).map_err(|e| ConfigError(format!("{flag}: {e}")))
+/// A duration flag's value; `zero_ok` says whether 0 means something.
+fn flag_duration(flag: &str, v: &str, zero_ok: bool) -> Result<Duration, ConfigError> {
+    let d = parse::duration(v).map_err(|e| ConfigError(format!("{flag}: {e}")))?;
+    if d.is_zero() && !zero_ok {
+        return Err(ConfigError(format!("{flag}: must be more than 0")));
+    }
+    Ok(d)
 }
 
 impl Cli {
-    /// Build [`Settings`] from the flags and the given environment.
-    /// Also returns the link variables that were skipped, for logging.
+    /// Build [`Settings`] from the flags and the given environment (as
+    /// `std::env::vars_os()` gives it). Also returns the link variables that
+    /// were skipped, for logging.
     pub fn settings(
         &self,
-        vars: impl IntoIterator<Item = (String, String)>,
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
     ) -> Result<(Settings, Vec<Skipped>), ConfigError> {
         let file = self.config_file()?;
         let pool = self.pool_config_over(file.as_ref())?;
         let mut forwards = Vec::new();
         let mut skipped = Vec::new();
         if !self.no_env {
-            let scan = env::scan(vars).map_err(ConfigError)?;
+            let scan = env::scan_os(vars).map_err(ConfigError)?;
             forwards.extend(scan.forwards);
             skipped = scan.skipped;
             for f in &mut forwards {
@@ -211,20 +218,18 @@ impl Cli {
             mode: self.mode,
             splice: self.splice,
             nodelay: !self.no_nodelay,
-            connect_timeout: flag_duration("--connect-timeout", &self.connect_timeout)?,
+            connect_timeout: flag_duration("--connect-timeout", &self.connect_timeout, false)?,
             idle_timeout: self
                 .idle_timeout
                 .as_deref()
-                .map(|v| flag_duration("--idle-timeout", v))
+                .map(|v| flag_duration("--idle-timeout", v, false))
                 .transpose()?,
             max_conns: self.max_conns,
-            drain_timeout: flag_duration("--drain-timeout", &self.drain_timeout)?,
+            // 0: on SIGTERM, reset every live connection at once.
+            drain_timeout: flag_duration("--drain-timeout", &self.drain_timeout, true)?,
         };
         if let Some(file) = &file {
             self.apply_file_globals(&mut settings, &file.globals);
-        }
-        if settings.connect_timeout.is_zero() {
-            return Err(ConfigError("--connect-timeout: must be more than 0".into()));
         }
         Ok((settings, skipped))
     }
@@ -349,11 +354,8 @@ impl Cli {
         if self.health_fails == 0 {
             return Err(ConfigError("--health-fails: must be at least 1".into()));
         }
-        let backoff = flag_duration("--health-backoff", &self.health_backoff)?;
-        let backoff_max = flag_duration("--health-backoff-max", &self.health_backoff_max)?;
-        if backoff.is_zero() {
-            return Err(ConfigError("--health-backoff: must be more than 0".into()));
-        }
+        let backoff = flag_duration("--health-backoff", &self.health_backoff, false)?;
+        let backoff_max = flag_duration("--health-backoff-max", &self.health_backoff_max, false)?;
         if backoff_max < backoff {
             return Err(ConfigError(format!(
                 "--health-backoff-max: {backoff_max:?} is shorter than --health-backoff {backoff:?}"
@@ -362,11 +364,8 @@ impl Cli {
         let interval = self
             .health_interval
             .as_deref()
-            .map(|v| flag_duration("--health-interval", v))
+            .map(|v| flag_duration("--health-interval", v, false))
             .transpose()?;
-        if interval.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError("--health-interval: must be more than 0".into()));
-        }
         if self.health_rise == 0 {
             return Err(ConfigError("--health-rise: must be at least 1".into()));
         }

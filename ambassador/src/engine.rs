@@ -16,8 +16,14 @@
 //! Every engine honours the same per-connection contract: half-close is
 //! propagated (a FIN reaches the other side after every byte before it, and
 //! the other direction keeps flowing), a reset on one side resets the other,
-//! `--idle-timeout` closes a silent connection, and the counters in
-//! [`ForwardStats`] are kept up to date.
+//! `--idle-timeout` closes a silent connection, the counters in
+//! [`ForwardStats`] are kept up to date, and [`Abort::current`] — raised when
+//! the drain timeout expires or a second SIGTERM forces the exit — ends the
+//! connection at once with a RESET on both sockets (SO_LINGER 0, see
+//! [`set_reset_on_close`]), so a client can tell a cut stream from a
+//! finished one. (As a safety net the server also sets SO_LINGER 0 on the
+//! sockets of every connection still live at that point, so even an engine
+//! that does not watch `abort` resets them when the process exits.)
 //!
 //! [`select`] picks the engine for `--mode`: `auto` takes the best one that
 //! starts here and logs, for each engine it skipped, the exact reason
@@ -51,6 +57,56 @@ pub struct Conn {
     pub upstream_addr: SocketAddr,
     pub stats: Arc<ForwardStats>,
     pub settings: Rc<Settings>,
+}
+
+thread_local! {
+    /// The abort signal of the server running on this thread (each runtime
+    /// is single-threaded, and so is every connection's engine code).
+    static ABORT: std::cell::RefCell<Option<tokio::sync::watch::Receiver<bool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// "Cut every connection now": raised once by the server when it gives up
+/// on the live connections (drain timeout, forced exit). Every engine
+/// watches [`Abort::current`] next to its idle timer and, when it resolves,
+/// stops moving bytes and closes both sockets with RST.
+///
+/// It is a per-thread signal rather than a field of [`Conn`] so that code
+/// that builds a `Conn` without a server (tests) needs nothing: with no
+/// server on the thread it never fires.
+#[derive(Clone)]
+pub struct Abort(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Abort {
+    /// A new signal, installed for this thread; the server keeps the sender
+    /// and raises it with `send(true)`.
+    pub fn install() -> tokio::sync::watch::Sender<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        ABORT.with(|a| *a.borrow_mut() = Some(rx));
+        tx
+    }
+
+    /// The signal of the server on this thread (one that never fires if
+    /// there is none).
+    pub fn current() -> Abort {
+        Abort(ABORT.with(|a| a.borrow().clone()))
+    }
+
+    /// Has the abort been raised?
+    pub fn is_raised(&self) -> bool {
+        self.0.as_ref().is_some_and(|rx| *rx.borrow())
+    }
+
+    /// Resolves once the abort is raised (or the server is gone, which
+    /// means the same thing); never without a server.
+    pub async fn raised(&self) {
+        match &self.0 {
+            Some(rx) => {
+                let _ = rx.clone().wait_for(|&v| v).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// The engine chosen at start-up.

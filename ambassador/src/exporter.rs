@@ -201,14 +201,6 @@ pub fn render(forwards: &[ForwardEntry], engine: Option<&str>) -> String {
         ),
         (
             f.counter(
-                "ambassador_preinsert_bytes_total",
-                "Bytes that arrived before a socket entered the sockmap, copied by userspace.",
-                &fw,
-            ),
-            |s| &s.preinsert_bytes,
-        ),
-        (
-            f.counter(
                 "ambassador_splice_fallbacks_total",
                 "Connections the sockmap engine copied in userspace instead of splicing.",
                 &fw,

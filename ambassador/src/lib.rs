@@ -19,6 +19,8 @@
 //! - [`caps`]: dropping capabilities after start-up.
 //! - [`balance`]: choosing a backend and passive health (decisions only);
 //!   [`upstream`] does the connecting for it.
+//! - [`loops`]: refusing forwards that point at the ambassador itself, at
+//!   start-up and at run time.
 
 pub mod balance;
 pub mod bpf;
@@ -28,6 +30,7 @@ pub mod config;
 pub mod engine;
 pub mod exporter;
 pub mod http;
+pub mod loops;
 pub mod metrics;
 pub mod reload;
 pub mod server;

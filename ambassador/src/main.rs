@@ -1,8 +1,9 @@
 //! The `ambassador` binary: parse, log, pick an engine, bind, serve.
 //!
-//! Exit codes: 0 after a clean drain (or `--check`), 2 for bad input (one
-//! line naming the variable or flag), 1 when start-up fails (a listener
-//! cannot be bound, the requested engine cannot start).
+//! Exit codes: 0 after the drain (or `--check`), 2 for bad input (one line
+//! naming the variable or flag), 1 when start-up fails (a listener cannot be
+//! bound, the requested engine cannot start, capabilities cannot be
+//! dropped) or when a second SIGTERM/SIGINT cut the drain short.
 
 use ambassador::cli::Cli;
 use ambassador::config::LogFormat;
@@ -12,13 +13,11 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    ignore_sighup();
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     cli.mark_explicit(&matches);
-    // Non-UTF-8 variables cannot be link variables; skip them.
-    let vars: Vec<(String, String)> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
+    let vars: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os().collect();
     let (settings, skipped) = match cli.settings(vars.clone()) {
         Ok(s) => s,
         Err(e) => {
@@ -26,6 +25,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = ambassador::loops::check_startup(&settings.forwards) {
+        eprintln!("ambassador: error: {e}");
+        return ExitCode::from(2);
+    }
     let metrics = match cli.metrics_addr() {
         Ok(m) => m,
         Err(e) => {
@@ -72,14 +75,15 @@ fn main() -> ExitCode {
         server::Reloader {
             path: cli.config.clone(),
             load: Box::new(move || {
-                cli.settings(vars.clone())
-                    .map(|(s, _)| s)
-                    .map_err(|e| e.to_string())
+                let (s, _) = cli.settings(vars.clone()).map_err(|e| e.to_string())?;
+                ambassador::loops::check_startup(&s.forwards).map_err(|e| e.to_string())?;
+                Ok(s)
             }),
         }
     };
     match server::run_with(settings, engine, listeners, Some(reloader)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(server::Stop::Drained | server::Stop::TimedOut) => ExitCode::SUCCESS,
+        Ok(server::Stop::Forced) => ExitCode::from(1),
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::from(1)
@@ -108,4 +112,13 @@ fn raise_fd_limit() {
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+}
+
+/// SIGHUP must never kill the process, not even during start-up (loading
+/// the BPF program can take a while): ignore it until the server installs
+/// its handler, which logs it instead.
+fn ignore_sighup() {
+    // Safety: setting a signal's disposition to SIG_IGN runs no code of ours
+    // in signal context; no other thread exists yet.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
 }

@@ -23,15 +23,13 @@ pub struct ForwardStats {
     pub spliced_to_upstream: AtomicU64,
     /// Bytes the kernel redirected, upstream → client (sockmap engine).
     pub spliced_to_client: AtomicU64,
-    /// Bytes that arrived before a socket entered the map and were copied
-    /// by userspace (sockmap engine).
-    pub preinsert_bytes: AtomicU64,
+    /// Connections the sockmap engine reset because a direction broke byte
+    /// conservation (bytes duplicated, lost or sent after leaving the
+    /// kernel): the last line of defence, never expected.
+    pub integrity_resets: AtomicU64,
     /// Connections the sockmap engine handed to the userspace path instead
     /// (map full, insert refused, policy).
     pub splice_fallbacks: AtomicU64,
-    /// Connections the sockmap engine reset because it could not prove
-    /// every byte reached the peer in order (sockmap engine).
-    pub integrity_resets: AtomicU64,
 }
 
 impl ForwardStats {
@@ -51,9 +49,8 @@ impl ForwardStats {
             errors = g(&self.errors),
             spliced_to_upstream = g(&self.spliced_to_upstream),
             spliced_to_client = g(&self.spliced_to_client),
-            preinsert_bytes = g(&self.preinsert_bytes),
-            splice_fallbacks = g(&self.splice_fallbacks),
             integrity_resets = g(&self.integrity_resets),
+            splice_fallbacks = g(&self.splice_fallbacks),
             "stats"
         );
     }

@@ -28,11 +28,11 @@
 //! and debounced: a burst of events within 300 ms is one reload.
 
 use crate::config::{Forward, Settings};
-use crate::engine::Engine;
+use crate::loops::Origin;
 use crate::metrics::ForwardStats;
-use crate::server::{Current, accept_loop, bind};
+use crate::server::{Current, Fwd, Shared, accept_loop, bind};
 use crate::upstream::Upstreams;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -159,16 +159,15 @@ pub fn restart_only(old: &Settings, new: &Settings) -> Vec<&'static str> {
 
 struct Running {
     forward: Forward,
-    current: Rc<RefCell<Current>>,
+    fwd: Rc<Fwd>,
     stats: Arc<ForwardStats>,
     stop: watch::Sender<bool>,
 }
 
 /// The running forwards of the server.
-pub struct Live {
+pub(crate) struct Live {
     settings: Rc<Settings>,
-    engine: Rc<Engine>,
-    ids: Rc<Cell<u64>>,
+    shared: Rc<Shared>,
     running: BTreeMap<SocketAddr, Running>,
     /// Every forward's counters, removed ones too (their connections may
     /// still be draining; their totals are logged at exit).
@@ -176,11 +175,10 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn new(settings: Rc<Settings>, engine: Rc<Engine>, ids: Rc<Cell<u64>>) -> Live {
+    pub fn new(settings: Rc<Settings>, shared: Rc<Shared>) -> Live {
         Live {
             settings,
-            engine,
-            ids,
+            shared,
             running: BTreeMap::new(),
             all: Vec::new(),
         }
@@ -222,14 +220,19 @@ impl Live {
             target = %forward.target,
             "listening"
         );
-        let current = Rc::new(RefCell::new(self.current(&forward, &stats, None)));
+        let fwd = Rc::new(Fwd {
+            origin: Origin {
+                source: forward.source.as_str().into(),
+                stats: stats.clone(),
+                episode: Rc::default(),
+            },
+            current: RefCell::new(self.current(&forward, &stats, None)),
+        });
         let (stop, stop_rx) = watch::channel(false);
         tokio::task::spawn_local(accept_loop(
             listener,
-            current.clone(),
-            stats.clone(),
-            self.engine.clone(),
-            self.ids.clone(),
+            fwd.clone(),
+            self.shared.clone(),
             stop_rx,
         ));
         self.all.push((forward.source.clone(), stats.clone()));
@@ -237,7 +240,7 @@ impl Live {
             forward.listen,
             Running {
                 forward,
-                current,
+                fwd,
                 stats,
                 stop,
             },
@@ -254,7 +257,7 @@ impl Live {
     /// Reload from `reloader` (`why`: what triggered it, for the log).
     pub fn reload(&mut self, reloader: Option<&Reloader>, why: &str) {
         let Some(r) = reloader.filter(|r| r.path.is_some()) else {
-            tracing::info!(trigger = %why, "nothing to reload: no --config file");
+            tracing::info!(trigger = %why, "reload requested: no config file, nothing to reload");
             return;
         };
         let file = r.path.as_deref().unwrap_or("");
@@ -307,20 +310,20 @@ impl Live {
             let Some((stats, old)) = self
                 .running
                 .get(&f.listen)
-                .map(|r| (r.stats.clone(), r.current.borrow().upstreams.clone()))
+                .map(|r| (r.stats.clone(), r.fwd.current.borrow().upstreams.clone()))
             else {
                 continue;
             };
             let current = self.current(f, &stats, Some(&old));
             let r = self.running.get_mut(&f.listen).expect("present");
-            *r.current.borrow_mut() = current;
+            *r.fwd.current.borrow_mut() = current;
             tracing::info!(forward = %f.source, listen = %f.listen, target = %f.target,
                 "forward changed: new connections use the new backends");
             r.forward = f.clone();
         }
         // Unchanged forwards take the new timeouts too.
         for r in self.running.values() {
-            r.current.borrow_mut().settings = self.settings.clone();
+            r.fwd.current.borrow_mut().settings = self.settings.clone();
         }
         for (f, l) in d.added.iter().zip(bound) {
             self.start(f.clone(), l);

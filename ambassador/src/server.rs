@@ -9,40 +9,62 @@
 //! 1. take a slot from the forward's `--max-conns` semaphore (when the
 //!    forward is full we stop calling accept, so new clients wait in the
 //!    kernel's backlog instead of being accepted and reset);
-//! 2. accept, then connect to a backend (see [`crate::upstream`]: balancing,
-//!    retrying the next healthy backend, passive and active health; a
-//!    hostname is resolved again for every connection) within
-//!    `--connect-timeout`; if no backend answers the client is closed at
-//!    once and one warning names both addresses;
-//! 3. set TCP_NODELAY on both sockets and hand them to the engine.
+//! 2. check there are file descriptors for the client and its upstream
+//!    socket (`server/fds.rs`; when there are not, stop accepting, warn once,
+//!    retry with a back-off);
+//! 3. accept; a client that is one of our own upstream sockets is a
+//!    forwarding loop and is reset at once (`loops.rs`);
+//! 4. connect to a backend (see [`crate::upstream`]: balancing, retrying
+//!    the next healthy backend, passive and active health; a hostname is
+//!    resolved again for every connection) within `--connect-timeout`; if
+//!    no backend answers the client is closed at once and one warning names
+//!    both addresses;
+//! 5. set TCP_NODELAY on both sockets and hand them to the engine.
 //!
-//! SIGTERM or SIGINT stops the accept loops, lets live connections finish
-//! for up to `--drain-timeout`, logs the counters and returns. SIGUSR1 logs
-//! the counters. SIGHUP (and a change of the `--config` file) reloads the
-//! forwards without dropping a connection: see [`crate::reload`].
+//! Signals ([`Signals`], installed before `ready` is logged):
+//! - SIGTERM or SIGINT stops the accept loops and lets live connections
+//!   finish for up to `--drain-timeout`; then the ones still live are
+//!   aborted (RESET, not a clean FIN) and the process exits 0. A second
+//!   SIGTERM/SIGINT during the drain aborts them at once and exits 1: the
+//!   streams were cut, which is not a clean exit.
+//! - SIGUSR1 logs the counters.
+//! - SIGHUP never kills the process (its default action would): it reloads
+//!   the `--config` file (as does a change of the file; see
+//!   [`crate::reload`]), or logs that there is nothing to reload.
 
-use crate::config::Settings;
-use crate::engine::{Conn, Engine};
+mod fds;
+
+use crate::config::{Host, Settings};
+use crate::engine::{Abort, Conn, Engine};
+use crate::loops::{Origin, OwnUpstreams, Registration};
 use crate::metrics::{ActiveGuard, ForwardStats};
 use crate::reload::Live;
 pub use crate::reload::Reloader;
-use crate::upstream::Upstreams;
-use std::cell::Cell;
-use std::cell::RefCell;
+use crate::upstream::{AttemptError, Failure, Upstreams};
+use fds::{Backoff, FdBudget};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
+
+/// After the abort is raised, how long engines get to reset their
+/// connections themselves before the process exits anyway (the sockets
+/// already have SO_LINGER 0, so exiting resets them too).
+const ABORT_GRACE: Duration = Duration::from_secs(2);
 
 /// A start-up failure: printed, exit code 1.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{source_name}: cannot listen on {addr}: {err}")]
+    #[error("{source_name}: cannot listen on {addr}: {err}{}", bind_hint(.err))]
     Bind {
         source_name: String,
         addr: SocketAddr,
@@ -50,6 +72,31 @@ pub enum StartError {
     },
     #[error("cannot start the runtime: {0}")]
     Runtime(io::Error),
+    #[error("{0}")]
+    Caps(String),
+}
+
+/// What a bind error most likely means, for the operator.
+fn bind_hint(err: &io::Error) -> &'static str {
+    if err.kind() == io::ErrorKind::PermissionDenied {
+        " (ports below 1024 need CAP_NET_BIND_SERVICE, e.g. run as root or \
+         `setcap cap_net_bind_service+ep`, or use a port ≥ 1024)"
+    } else {
+        ""
+    }
+}
+
+/// How serving ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Every connection finished within the drain timeout (exit 0).
+    Drained,
+    /// The drain timeout expired; the connections left were reset (exit 0,
+    /// as asked for by the operator's own timeout).
+    TimedOut,
+    /// A second SIGTERM/SIGINT cut the drain short; connections were reset
+    /// (exit 1).
+    Forced,
 }
 
 /// Bind every forward's listener, or fail naming the first that cannot be.
@@ -86,7 +133,7 @@ pub fn run(
     settings: Settings,
     engine: Engine,
     listeners: Vec<std::net::TcpListener>,
-) -> Result<(), StartError> {
+) -> Result<Stop, StartError> {
     run_with(settings, engine, listeners, None)
 }
 
@@ -97,20 +144,98 @@ pub fn run_with(
     engine: Engine,
     listeners: Vec<std::net::TcpListener>,
     reloader: Option<Reloader>,
-) -> Result<(), StartError> {
+) -> Result<Stop, StartError> {
     let settings = Rc::new(settings);
     let uring = matches!(engine, Engine::Uring);
     let serve = serve(settings, Rc::new(engine), listeners, reloader);
+    // When connections were cut, the runtime is not dropped: dropping it
+    // would wait for (or cancel) every engine's pending operations, while
+    // exiting lets the kernel close every socket at once, with the RST
+    // that SO_LINGER 0 asks for.
     if uring {
         let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).map_err(StartError::Runtime)?;
-        rt.block_on(serve)
+        let stop = rt.block_on(serve);
+        if !matches!(stop, Ok(Stop::Drained)) {
+            std::mem::forget(rt);
+        }
+        stop
     } else {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
         let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, serve)
+        let stop = local.block_on(&rt, serve);
+        if !matches!(stop, Ok(Stop::Drained)) {
+            std::mem::forget(local);
+            std::mem::forget(rt);
+        }
+        stop
+    }
+}
+
+/// The signal handlers, installed before `ready` so that a signal sent
+/// right after it is never lost to a default action.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    usr1: Signal,
+    hup: Signal,
+}
+
+/// What a signal asks for.
+enum Asked {
+    Stop,
+    Stats,
+    Reload,
+}
+
+impl Signals {
+    fn install() -> io::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Asked {
+        tokio::select! {
+            _ = self.term.recv() => Asked::Stop,
+            _ = self.int.recv() => Asked::Stop,
+            _ = self.usr1.recv() => Asked::Stats,
+            _ = self.hup.recv() => Asked::Reload,
+        }
+    }
+}
+
+/// Everything the accept loops and connections of the process share.
+pub(crate) struct Shared {
+    engine: Rc<Engine>,
+    ids: Cell<u64>,
+    fds: Rc<FdBudget>,
+    own: Rc<OwnUpstreams>,
+    /// The sockets of every connection an engine is relaying, by id: see
+    /// [`Shared::reset_all_live`].
+    live: RefCell<HashMap<u64, [RawFd; 2]>>,
+}
+
+impl Shared {
+    /// Set SO_LINGER 0 on both sockets of every live connection, so that
+    /// however they are closed (by the engine, or by the process exiting)
+    /// the peers see RST.
+    fn reset_all_live(&self) {
+        for fds in self.live.borrow().values() {
+            for &fd in fds {
+                // Safety: an entry lives only while its engine's `relay`
+                // runs, and every engine keeps both sockets open until
+                // `relay` returns; the runtime is single-threaded, so no
+                // socket can close while this loop runs.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                crate::engine::set_reset_on_close(&fd);
+            }
+        }
     }
 }
 
@@ -119,70 +244,131 @@ async fn serve(
     engine: Rc<Engine>,
     listeners: Vec<std::net::TcpListener>,
     reloader: Option<Reloader>,
-) -> Result<(), StartError> {
-    let ids = Rc::new(Cell::new(0u64));
+) -> Result<Stop, StartError> {
+    let abort_tx = Abort::install();
+    let mut signals = Signals::install().map_err(StartError::Runtime)?;
+    let shared = Rc::new(Shared {
+        engine: engine.clone(),
+        ids: Cell::new(0),
+        fds: FdBudget::new().map_err(StartError::Runtime)?,
+        own: Rc::default(),
+        live: RefCell::default(),
+    });
     // The running forwards; a reload adds, removes and changes them.
-    let mut live = Live::new(settings.clone(), engine.clone(), ids);
+    let mut live = Live::new(settings.clone(), shared.clone());
     for (forward, listener) in settings.forwards.iter().zip(listeners) {
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
         live.start(forward.clone(), listener);
     }
     let mut changes = reloader.as_ref().and_then(Reloader::watch);
-    // Before `ready`: a SIGHUP right after it must reload, not kill.
-    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Runtime)?;
-    crate::caps::drop_all();
+    match crate::caps::drop_all() {
+        Ok(crate::caps::Dropped(Some(held))) => tracing::info!(was = %held, "capabilities dropped"),
+        Ok(crate::caps::Dropped(None)) => {}
+        Err(e) => return Err(StartError::Caps(e)),
+    }
     crate::exporter::on_ready(engine.clone());
     tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
 
-    let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
-    let mut usr1 = signal(SignalKind::user_defined1()).map_err(StartError::Runtime)?;
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = usr1.recv() => {
-                engine.refresh_stats();
-                log_stats(&live.all_stats());
-            }
-            _ = hup.recv() => live.reload(reloader.as_ref(), "SIGHUP"),
+            asked = signals.next() => match asked {
+                Asked::Stop => break,
+                Asked::Stats => AllStats(live.all_stats()).log(&engine),
+                Asked::Reload => live.reload(reloader.as_ref(), "SIGHUP"),
+            },
             () = crate::reload::changed(&mut changes) => {
                 live.reload(reloader.as_ref(), "config file changed")
             }
         }
     }
-
-    // Drain: stop accepting, wait for the live connections to finish.
     live.stop_all();
-    let settings = live.settings();
-    let all_stats = live.all_stats();
     crate::exporter::global().set_draining();
-    let active = || {
-        all_stats
-            .iter()
-            .map(|(_, s)| s.conns_active.load(Relaxed))
-            .sum::<u64>()
-    };
-    tracing::info!(active = active(), drain_timeout = ?settings.drain_timeout, "draining");
-    let drained = tokio::time::timeout(settings.drain_timeout, async {
-        while active() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    let all_stats = AllStats(live.all_stats());
+    let stop = drain(&live.settings(), &engine, &all_stats, &mut signals).await;
+    if stop != Stop::Drained {
+        shared.reset_all_live();
+        let _ = abort_tx.send(true);
+        if stop == Stop::TimedOut {
+            // Let the engines reset their connections (bounded: the
+            // process exits anyway, and the exit resets what is left).
+            let _ = tokio::time::timeout(ABORT_GRACE, all_stats.idle()).await;
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(active = active(), "drain timeout: closing live connections");
     }
-    engine.refresh_stats();
-    log_stats(&all_stats);
+    all_stats.log(&engine);
     tracing::info!("stopped");
-    Ok(())
+    Ok(stop)
 }
 
-fn log_stats(all: &[(String, Arc<ForwardStats>)]) {
-    for (source, s) in all {
-        s.log(source);
+/// Every forward's counters, for the drain and the `stats` lines.
+struct AllStats(Vec<(String, Arc<ForwardStats>)>);
+
+impl AllStats {
+    fn active(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|(_, s)| s.conns_active.load(Relaxed))
+            .sum()
     }
+
+    /// Resolves once no connection is live.
+    async fn idle(&self) {
+        while self.active() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn log(&self, engine: &Engine) {
+        engine.refresh_stats();
+        for (source, s) in &self.0 {
+            s.log(source);
+        }
+    }
+}
+
+/// The accept loops have stopped: wait for the live connections to finish,
+/// up to the drain timeout or a second stop signal, and say which it was.
+async fn drain(
+    settings: &Settings,
+    engine: &Engine,
+    all_stats: &AllStats,
+    signals: &mut Signals,
+) -> Stop {
+    let active = all_stats.active();
+    tracing::info!(active, drain_timeout = ?settings.drain_timeout, "draining");
+    let drained = all_stats.idle();
+    let timeout = tokio::time::sleep(settings.drain_timeout);
+    tokio::pin!(drained, timeout);
+    let stop = loop {
+        tokio::select! {
+            () = &mut drained => break Stop::Drained,
+            () = &mut timeout => break Stop::TimedOut,
+            asked = signals.next() => match asked {
+                Asked::Stop => break Stop::Forced,
+                Asked::Stats => all_stats.log(engine),
+                Asked::Reload => reload(),
+            },
+        }
+    };
+    let active = all_stats.active();
+    match stop {
+        Stop::Drained => {}
+        Stop::TimedOut => {
+            tracing::warn!(
+                active,
+                "drain timeout: closing live connections with a reset"
+            );
+        }
+        Stop::Forced => tracing::warn!(
+            active,
+            "second stop signal: resetting live connections and exiting now (exit code 1)"
+        ),
+    }
+    stop
+}
+
+/// SIGHUP during the drain: the forwards are stopping, nothing to reload.
+fn reload() {
+    tracing::info!("reload requested while draining: ignored");
 }
 
 /// What an accept loop uses for each new connection: the forward's
@@ -193,17 +379,22 @@ pub(crate) struct Current {
     pub settings: Rc<Settings>,
 }
 
+/// One forward, as its accept loop and connections see it.
+pub(crate) struct Fwd {
+    pub origin: Origin,
+    pub current: RefCell<Current>,
+}
+
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    current: Rc<RefCell<Current>>,
-    stats: Arc<ForwardStats>,
-    engine: Rc<Engine>,
-    ids: Rc<Cell<u64>>,
+    fwd: Rc<Fwd>,
+    shared: Rc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let max_conns = current.borrow().settings.max_conns;
+    let max_conns = fwd.current.borrow().settings.max_conns;
     let slots = (max_conns > 0).then(|| Arc::new(Semaphore::new(max_conns)));
-    let mut source = current.borrow().upstreams.source();
+    let source = fwd.origin.source.clone();
+    let mut backoff = Backoff::new();
     loop {
         // Wait for a free slot before accepting: a full forward leaves new
         // clients in the kernel's backlog.
@@ -214,81 +405,164 @@ pub(crate) async fn accept_loop(
             },
             None => None,
         };
-        let (client, client_addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE, ENOBUFS, ...: back off instead of spinning.
-                    tracing::warn!(forward = %source, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
+        let accepted = next_client(&listener, &shared.fds, &source, &mut backoff, &mut stop).await;
+        let Some((client, client_addr)) = accepted else {
+            break;
         };
-        let id = ids.get() + 1;
-        ids.set(id);
+        let client = match client.into_std() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(forward = %source, error = %e, "cannot take the client socket from the reactor");
+                continue;
+            }
+        };
+        backoff.reset();
+        shared.fds.accepted(&source);
+        if is_own_connection(&shared.own, &client, client_addr, &source) {
+            crate::engine::set_reset_on_close(&client);
+            continue;
+        }
+        let pending = shared.fds.pending();
+        let id = shared.ids.get() + 1;
+        shared.ids.set(id);
+        let (fwd, shared) = (fwd.clone(), shared.clone());
         let (upstreams, settings) = {
-            let c = current.borrow();
+            let c = fwd.current.borrow();
             (c.upstreams.clone(), c.settings.clone())
         };
-        source = upstreams.source();
-        let (stats, engine, source) = (stats.clone(), engine.clone(), source.clone());
         tokio::task::spawn_local(async move {
             let _permit = permit;
-            let _active = ActiveGuard::new(&stats);
-            handle(
-                id,
-                client,
-                client_addr,
-                &upstreams,
-                source,
-                stats.clone(),
-                settings,
-                &engine,
-            )
-            .await;
+            let _active = ActiveGuard::new(&fwd.origin.stats);
+            let conf = (&upstreams, settings);
+            handle(id, client, client_addr, &fwd, conf, &shared, pending).await;
         });
     }
     tracing::debug!(forward = %source, "stopped accepting");
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The next client of `listener`, accepted only when there are descriptors
+/// for it and its upstream socket (see `server/fds.rs`); `None` once the
+/// drain starts.
+async fn next_client(
+    listener: &TcpListener,
+    budget: &FdBudget,
+    source: &str,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        // The descriptor check runs right before each accept attempt
+        // (inside the same poll), so nothing can take the room it saw.
+        let attempt = std::future::poll_fn(|cx| {
+            if !budget.room_for_one() {
+                return Poll::Ready(Err(None));
+            }
+            listener.poll_accept(cx).map_err(Some)
+        });
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = stop.changed() => return None,
+        };
+        let wait = match result {
+            Ok(c) => return Some(c),
+            Err(None) => {
+                budget.exhausted(
+                    source,
+                    "no descriptors left for a client and its upstream socket",
+                );
+                backoff.next()
+            }
+            Err(Some(e)) if fds::is_fd_exhaustion(&e) => {
+                budget.exhausted(source, &format!("accept: {e}"));
+                backoff.next()
+            }
+            Err(Some(e)) => {
+                // ENOBUFS, ENOMEM, ...: back off instead of spinning.
+                tracing::warn!(forward = %source, error = %e, "accept failed");
+                Duration::from_millis(100)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
+/// Is this accepted client one of our own upstream sockets (a loop)?
+fn is_own_connection(
+    own: &OwnUpstreams,
+    client: &std::net::TcpStream,
+    client_addr: SocketAddr,
+    source: &str,
+) -> bool {
+    if !own.may_be_own(client_addr) {
+        return false;
+    }
+    match client.local_addr() {
+        Ok(local) => own.is_own(client_addr, local, source),
+        Err(_) => false,
+    }
+}
+
 async fn handle(
     id: u64,
-    client: TcpStream,
+    client: std::net::TcpStream,
     client_addr: SocketAddr,
-    upstreams: &Rc<Upstreams>,
-    source: Rc<str>,
-    stats: Arc<ForwardStats>,
-    settings: Rc<Settings>,
-    engine: &Engine,
+    fwd: &Fwd,
+    (upstreams, settings): (&Rc<Upstreams>, Rc<Settings>),
+    shared: &Shared,
+    pending: fds::Pending,
 ) {
+    let (source, stats) = (&fwd.origin.source, &fwd.origin.stats);
+    let settings = &settings;
     // Pick a backend and connect (retrying the next healthy one); the lease
-    // counts this connection against its backend until it ends.
-    let (upstream, upstream_addr, _lease) = match upstreams
-        .connect(id, client_addr, settings.connect_timeout)
-        .await
-    {
+    // counts this connection against its backend until it ends. The fd
+    // reservation goes to the first socket made.
+    let pending = Rc::new(RefCell::new(Some(pending)));
+    let attempt = |target: crate::config::Target| {
+        let (own, origin, pending) = (shared.own.clone(), fwd.origin.clone(), pending.clone());
+        async move {
+            connect(&target, &own, &origin, &pending)
+                .await
+                .map_err(|(e, looped)| match looped {
+                    true => AttemptError::Stop(e),
+                    false => AttemptError::Failed(e),
+                })
+        }
+    };
+    let connected = upstreams
+        .connect_with(id, client_addr, settings.connect_timeout, attempt)
+        .await;
+    let ((upstream, upstream_addr, registration), _lease) = match connected {
         Ok(c) => c,
+        // The attempt came back to us: already reported as a loop.
+        Err(Failure::Looped) => return,
         Err(failure) => {
             ForwardStats::add(&stats.errors, 1);
-            failure.log(id, &source, client_addr, upstreams);
+            failure.log(id, source, client_addr, upstreams);
             return;
         }
     };
+    let upstream = match upstream.into_std() {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(id, error = %e, "cannot take the upstream socket from the reactor");
+            return;
+        }
+    };
+    if Abort::current().is_raised() {
+        // Connected after the server gave up on live connections.
+        crate::engine::set_reset_on_close(&client);
+        crate::engine::set_reset_on_close(&upstream);
+        return;
+    }
     if settings.nodelay {
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
     }
-    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!(id, error = %e, "cannot take sockets from the reactor");
-            return;
-        }
-    };
     tracing::debug!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, "connection open");
+    let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
     let conn = Conn {
         id,
         forward: source.clone(),
@@ -297,15 +571,99 @@ async fn handle(
         client_addr,
         upstream_addr,
         stats: stats.clone(),
-        settings,
+        settings: settings.clone(),
     };
-    match engine.relay(conn).await {
+    shared.live.borrow_mut().insert(id, fds);
+    let result = shared.engine.relay(conn).await;
+    shared.live.borrow_mut().remove(&id);
+    let looped = registration.looped();
+    if !looped {
+        // A connection got through: a loop episode on this forward is over.
+        fwd.origin.episode.set(false);
+    }
+    match result {
         Ok(()) => {
             tracing::debug!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, "connection closed")
+        }
+        Err(e) if looped => {
+            tracing::debug!(id, forward = %source, error = %e, "looped connection closed");
         }
         Err(e) => {
             ForwardStats::add(&stats.errors, 1);
             tracing::warn!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, error = %e, "connection error");
         }
     }
+}
+
+/// Connect to the target, resolving a hostname now (so a moved name needs
+/// no restart) and trying each address in turn. Returns the address that
+/// answered and the socket's loop-check registration. An error says
+/// whether the attempt came back to us (then it is already reported).
+async fn connect(
+    target: &crate::config::Target,
+    own: &Rc<OwnUpstreams>,
+    origin: &Origin,
+    pending: &RefCell<Option<fds::Pending>>,
+) -> Result<(TcpStream, SocketAddr, Registration), (io::Error, bool)> {
+    let addrs: Vec<SocketAddr> = match &target.host {
+        Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
+        Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
+            .await
+            .map_err(|e| {
+                let e = io::Error::new(e.kind(), format!("resolving {name}: {e}"));
+                (e, false)
+            })?
+            .collect(),
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
+    for addr in addrs {
+        match connect_one(addr, own, origin, pending).await {
+            Ok((s, reg)) => return Ok((s, addr, reg)),
+            Err((e, true)) => return Err((e, true)),
+            Err((e, false)) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
+        }
+    }
+    Err((last, false))
+}
+
+/// One non-blocking `connect(2)`. The socket is registered for the loop
+/// check right after the call, before the handshake can complete and our
+/// own accept loop can see it; the descriptor reservation (`pending`) is
+/// released once the socket exists.
+async fn connect_one(
+    addr: SocketAddr,
+    own: &Rc<OwnUpstreams>,
+    origin: &Origin,
+    pending: &RefCell<Option<fds::Pending>>,
+) -> Result<(TcpStream, Registration), (io::Error, bool)> {
+    use socket2::{Domain, Socket, Type};
+    let plain = |e: io::Error| (e, false);
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(plain)?;
+    pending.borrow_mut().take();
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(plain(e)),
+    }
+    let local = sock
+        .local_addr()
+        .map_err(plain)?
+        .as_socket()
+        .ok_or_else(|| plain(io::Error::other("upstream socket has no IP address")))?;
+    let registration = own.register(local, addr, origin.clone());
+    let stream = TcpStream::from_std(sock.into()).map_err(plain)?;
+    let looped = |e| {
+        let looped = registration.looped();
+        (e, looped)
+    };
+    stream.writable().await.map_err(looped)?;
+    if let Some(e) = stream.take_error().map_err(looped)? {
+        return Err(looped(e));
+    }
+    Ok((stream, registration))
 }

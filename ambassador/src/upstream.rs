@@ -39,9 +39,21 @@ pub struct Upstreams {
     retired: std::cell::Cell<bool>,
 }
 
+/// How one connect attempt failed.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// Refused, unreachable, …: the next backend may be tried.
+    Failed(io::Error),
+    /// Stop trying (the attempt reached this ambassador itself: a loop,
+    /// already reported).
+    Stop(io::Error),
+}
+
 /// Why a client got no upstream. Its [`Failure::log`] is the one warning.
 #[derive(Debug)]
 pub enum Failure {
+    /// The connect came back to this ambassador (a loop, already logged).
+    Looped,
     /// Every backend is ejected: nothing was tried.
     NoBackend,
     /// The last backend tried refused or was unreachable (`tried`
@@ -64,6 +76,7 @@ impl Failure {
     /// names both addresses).
     pub fn log(&self, id: u64, forward: &str, client: SocketAddr, ups: &Upstreams) {
         match self {
+            Failure::Looped => {}
             Failure::NoBackend => tracing::warn!(
                 id,
                 forward = %forward,
@@ -179,13 +192,33 @@ impl Upstreams {
     }
 
     /// Connect to a backend for one client: the healthy backends in
-    /// balancing order, each at most once, each within `timeout`.
+    /// balancing order, each at most once, each within `timeout`, with a
+    /// plain connect.
     pub async fn connect(
         self: &Rc<Self>,
         id: u64,
         client: SocketAddr,
         timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr, Lease), Failure> {
+        let attempt = |t: Target| async move { connect(&t).await.map_err(AttemptError::Failed) };
+        let ((s, a), lease) = self.connect_with(id, client, timeout, attempt).await?;
+        Ok((s, a, lease))
+    }
+
+    /// [`Upstreams::connect`] with the server's own connect (`attempt`: it
+    /// registers the socket for the loop check and takes the descriptor
+    /// reservation). An [`AttemptError::Stop`] ends the tries at once.
+    pub async fn connect_with<T, F, Fut>(
+        self: &Rc<Self>,
+        id: u64,
+        client: SocketAddr,
+        timeout: Duration,
+        mut attempt: F,
+    ) -> Result<(T, Lease), Failure>
+    where
+        F: FnMut(Target) -> Fut,
+        Fut: std::future::Future<Output = Result<T, AttemptError>>,
+    {
         let plan = {
             let mut pool = self.pool.borrow_mut();
             for i in pool.tick(Instant::now()) {
@@ -196,8 +229,8 @@ impl Upstreams {
         let mut last = Failure::NoBackend;
         for (k, &i) in plan.iter().enumerate() {
             let target = &self.backends[i];
-            let failure = match tokio::time::timeout(timeout, connect(target)).await {
-                Ok(Ok((stream, addr))) => {
+            let failure = match tokio::time::timeout(timeout, attempt(target.clone())).await {
+                Ok(Ok(connected)) => {
                     let change = {
                         let mut pool = self.pool.borrow_mut();
                         pool.opened(i);
@@ -213,9 +246,10 @@ impl Upstreams {
                         ups: self.clone(),
                         index: i,
                     };
-                    return Ok((stream, addr, lease));
+                    return Ok((connected, lease));
                 }
-                Ok(Err(error)) => Failure::Refused {
+                Ok(Err(AttemptError::Stop(_))) => return Err(Failure::Looped),
+                Ok(Err(AttemptError::Failed(error))) => Failure::Refused {
                     target: target.to_string(),
                     error,
                     tried: k + 1,

@@ -44,6 +44,11 @@ impl Proxy {
         args.extend_from_slice(extra);
         let mut cmd = Command::new(BIN);
         cmd.args(&args).env_clear();
+        if mode == "sockmap_adaptive" {
+            // Promote at the first quiet point instead of after 4 round
+            // trips, so most of these tests run through a promotion.
+            cmd.env("AMBASSADOR_SOCKMAP_PROMOTE_TURNS", "0");
+        }
         Proxy::spawn(cmd, port).expect("proxy did not become ready")
     }
 
@@ -123,6 +128,26 @@ impl Proxy {
         false
     }
 
+    /// How many times `needle` occurs in the log.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// A `Status:`-style line of /proc/<pid>/status, e.g. `CapEff`.
+    pub fn status_field(&self, field: &str) -> Option<String> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        s.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .map(|v| v.trim().to_string())
+    }
+
     /// Wait for exit (up to `secs`), returning the exit code.
     pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
         let t = Instant::now();
@@ -138,9 +163,19 @@ impl Proxy {
 
     /// The last `stats` line's value for `key` (after SIGUSR1 or exit).
     pub fn stat(&self, key: &str) -> Option<u64> {
+        self.stat_for("", key)
+    }
+
+    /// The last `stats` line of the forward whose source is `forward` (any,
+    /// if empty): its value for `key`.
+    pub fn stat_for(&self, forward: &str, key: &str) -> Option<u64> {
         let log = self.log();
-        let line = log.lines().rev().find(|l| l.contains(" stats "))?;
-        let pat = format!("{key}=");
+        let want = format!(" forward={forward} ");
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(" stats ") && (forward.is_empty() || l.contains(&want)))?;
+        let pat = format!(" {key}=");
         let rest = &line[line.find(&pat)? + pat.len()..];
         rest.split(|c: char| !c.is_ascii_digit())
             .next()?

@@ -15,8 +15,13 @@
 //! be forwards the user never asked for); UDP and SCTP are reported as
 //! skipped, never silently dropped; a malformed value is an error naming the
 //! variable. Duplicate listen ports are caught later, across all sources.
+//!
+//! The environment is bytes, not text: [`scan_os`] takes it as the OS gives
+//! it, and a would-be link variable whose name or value is not UTF-8 is
+//! reported as skipped (named lossily), never dropped without a word.
 
 use super::{Forward, Proto, parse};
+use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 
 /// A variable that looked like a link variable but creates no forward.
@@ -48,6 +53,33 @@ fn split_name(name: &str) -> Option<(&str, &str, &str)> {
         return None;
     }
     Some((alias, n, proto))
+}
+
+/// [`scan`] over the raw environment, e.g. `std::env::vars_os()`. Variables
+/// that are not UTF-8 cannot be read; those that look like link variables
+/// (judged on the lossily decoded name) are reported as skipped, the rest
+/// (some unrelated `LANG=…`) are ignored like any other unrelated variable.
+pub fn scan_os(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Result<Scan, String> {
+    let mut text = Vec::new();
+    let mut unreadable = Vec::new();
+    for (name, value) in vars {
+        match (name.into_string(), value.into_string()) {
+            (Ok(n), Ok(v)) => text.push((n, v)),
+            (name, _) => {
+                let (lossy, why) = match name {
+                    Ok(n) => (n, "value is not valid UTF-8"),
+                    Err(n) => (n.to_string_lossy().into_owned(), "name is not valid UTF-8"),
+                };
+                if split_name(&lossy).is_some() {
+                    unreadable.push(Skipped { var: lossy, why });
+                }
+            }
+        }
+    }
+    let mut out = scan(text)?;
+    out.skipped.extend(unreadable);
+    out.skipped.sort_by(|a, b| a.var.cmp(&b.var));
+    Ok(out)
 }
 
 /// Read link variables from `vars` (name, value) pairs, e.g. `std::env::vars()`.
@@ -126,6 +158,32 @@ mod tests {
         let s = scan(vars(&[("REDIS_PORT_1234_TCP", "tcp://192.168.1.52:6379")])).unwrap();
         assert_eq!(s.forwards[0].listen.port(), 1234);
         assert_eq!(s.forwards[0].target.0[0].port, 6379);
+    }
+
+    #[test]
+    fn non_utf8_link_variables_are_skipped_by_name() {
+        use std::os::unix::ffi::OsStringExt;
+        let s = scan_os([
+            (
+                OsString::from("DB_PORT_7000_TCP"),
+                OsString::from_vec(b"tcp://\xff:1".to_vec()),
+            ),
+            (
+                OsString::from_vec(b"D\xffB_PORT_7001_TCP".to_vec()),
+                OsString::from("tcp://1.2.3.4:1"),
+            ),
+            (OsString::from("LANG"), OsString::from_vec(vec![0xff])),
+        ])
+        .unwrap();
+        assert!(s.forwards.is_empty());
+        let got: Vec<(&str, &str)> = s.skipped.iter().map(|k| (k.var.as_str(), k.why)).collect();
+        assert_eq!(
+            got,
+            [
+                ("DB_PORT_7000_TCP", "value is not valid UTF-8"),
+                ("D\u{fffd}B_PORT_7001_TCP", "name is not valid UTF-8"),
+            ]
+        );
     }
 
     #[test]

@@ -109,24 +109,29 @@ pub fn forward(s: &str) -> Result<(SocketAddr, Backends), String> {
     Ok((listen, backends(tgt)?))
 }
 
-/// A duration: `5` (seconds), `5s`, `250ms`, `2m`, `1h`.
+/// The longest duration any flag accepts. Anything longer is a typo (and
+/// would overflow the clock arithmetic of a timer).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A duration: a bare number of seconds (`5`), or anything the `humantime`
+/// crate reads (`250ms`, `5s`, `2m`, `1h`, `1h 30m`). At most
+/// [`MAX_DURATION`]; whether zero is allowed is the caller's decision.
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
+    let parsed = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| humantime::DurationError::NumberOverflow)
+    } else {
+        humantime::parse_duration(s)
     };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (like 5s, 250ms, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    match parsed {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        Ok(_) | Err(humantime::DurationError::NumberOverflow) => {
+            Err(format!("{s:?} is too long (at most 365d)"))
+        }
+        Err(_) => Err(format!("{s:?} is not a duration (like 5s, 250ms, 2m)")),
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +179,22 @@ mod tests {
         assert_eq!(duration("5").unwrap(), Duration::from_secs(5));
         assert_eq!(duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(duration("0").unwrap(), Duration::ZERO);
         assert!(duration("5 parsecs").is_err());
+        assert!(duration("").is_err());
+        assert!(duration("-5s").is_err());
+        assert!(
+            duration("99999999999999999999999h")
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert!(
+            duration("99999999999999999999999")
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert!(duration("366d").unwrap_err().contains("too long"));
+        assert!(duration("365d").is_ok());
     }
 }

@@ -12,6 +12,9 @@
 //! directions and closes both sockets with RST, so the peer that is still
 //! there learns that the connection broke rather than seeing a clean EOF.
 //!
+//! [`Abort::current`](super::Abort::current) (drain timeout, forced exit) ends both directions at
+//! once and closes both sockets with RST.
+//!
 //! This is also the engine that works everywhere: Docker's default seccomp
 //! profile blocks io_uring, and an unprivileged process cannot load BPF.
 
@@ -25,7 +28,7 @@ use tokio::sync::Notify;
 
 /// Size of one copy buffer: large enough that a bulk transfer needs few
 /// system calls, small enough to stay in cache.
-const BUF_SIZE: usize = 64 * 1024;
+pub const BUF_SIZE: usize = 64 * 1024;
 /// Free buffers kept for reuse per thread; more are freed.
 const POOL_MAX: usize = 64;
 
@@ -94,8 +97,12 @@ pub enum Outcome {
     Done,
     /// Paused for promotion, at a point where userspace holds no bytes:
     /// everything read so far has been written, both directions are open.
-    /// The sockets are back in `Conn`, ready to be spliced.
-    Paused(Conn),
+    /// The sockets are back in `Conn`, ready to be spliced, with the bytes
+    /// read from each (client→server, server→client) in this call, and
+    /// whether each direction's last read returned less than it asked for
+    /// (then the kernel's receive queue was empty at that read, so no skb
+    /// is partly read).
+    Paused(Conn, [u64; 2], bool),
 }
 
 /// What one direction's loop ended with.
@@ -116,11 +123,15 @@ struct Pause {
     turns: Cell<u32>,
     /// Directions that have seen EOF.
     eofs: Cell<u8>,
+    /// Per direction: the last read filled the buffer (an skb may be
+    /// partly read).
+    full: [Cell<bool>; 2],
 }
 
 impl Pause {
     /// A read of `n` bytes in direction `dir`.
     fn saw_read(&self, dir: u8, n: usize) {
+        self.full[usize::from(dir)].set(n >= BUF_SIZE);
         let Some(p) = self.promote else { return };
         if n > p.small {
             self.turns.set(0); // bulk: stay in userspace
@@ -147,6 +158,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         stats,
         settings,
     } = conn;
+    let abort = super::Abort::current();
     let client = TcpStream::from_std(client)?;
     let upstream = TcpStream::from_std(upstream)?;
     let activity = Activity::new();
@@ -157,51 +169,66 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         last_dir: Cell::new(1),
         turns: Cell::new(0),
         eofs: Cell::new(0),
+        full: [Cell::new(false), Cell::new(false)],
     };
     let (up, down) = (&stats.bytes_to_upstream, &stats.bytes_to_client);
+    let read = [Cell::new(0u64), Cell::new(0u64)];
     let both = async {
         let steps = tokio::try_join!(
-            copy(&client, &upstream, up, &activity, &pause, 0),
-            copy(&upstream, &client, down, &activity, &pause, 1)
+            copy(&client, &upstream, up, &read[0], &activity, &pause, 0),
+            copy(&upstream, &client, down, &read[1], &activity, &pause, 1)
         )?;
         // A direction that reached EOF while the other paused cannot be
         // spliced (a socket that got FIN cannot enter a sockmap): finish
         // the other one here.
+        let quiet = !pause.full[0].get() && !pause.full[1].get();
         let no_pause = Pause {
             promote: None,
             ..pause
         };
         match steps {
-            (Step::Paused, Step::Paused) => return Ok(true),
+            (Step::Paused, Step::Paused) => {
+                return Ok(Some(quiet));
+            }
             (Step::Paused, Step::Eof) => {
-                copy(&client, &upstream, up, &activity, &no_pause, 0).await?;
+                copy(&client, &upstream, up, &read[0], &activity, &no_pause, 0).await?;
             }
             (Step::Eof, Step::Paused) => {
-                copy(&upstream, &client, down, &activity, &no_pause, 1).await?;
+                copy(&upstream, &client, down, &read[1], &activity, &no_pause, 1).await?;
             }
             (Step::Eof, Step::Eof) => {}
         }
-        Ok::<bool, io::Error>(false)
+        Ok::<Option<bool>, io::Error>(None)
     };
     let result = tokio::select! {
         r = both => r,
         () = activity.idle(settings.idle_timeout) => {
             tracing::debug!(id, client = %client_addr, "idle timeout");
-            Ok(false)
+            Ok(None)
+        }
+        () = abort.raised() => {
+            tracing::debug!(id, client = %client_addr, "aborted: resetting both sides");
+            set_reset_on_close(&client);
+            set_reset_on_close(&upstream);
+            Ok(None)
         }
     };
     match result {
-        Ok(true) => Ok(Outcome::Paused(Conn {
-            id,
-            forward,
-            client: client.into_std()?,
-            upstream: upstream.into_std()?,
-            client_addr,
-            upstream_addr,
-            stats,
-            settings,
-        })),
-        Ok(false) => Ok(Outcome::Done),
+        Ok(Some(quiet)) => Ok(Outcome::Paused(
+            Conn {
+                id,
+                forward,
+                client: client.into_std()?,
+                upstream: upstream.into_std()?,
+                client_addr,
+                upstream_addr,
+                stats,
+                settings,
+            },
+            [read[0].get(), read[1].get()],
+            quiet,
+        )),
+        Ok(None) => Ok(Outcome::Done),
         Err(e) => {
             set_reset_on_close(&client);
             set_reset_on_close(&upstream);
@@ -216,6 +243,7 @@ async fn copy(
     src: &TcpStream,
     dst: &TcpStream,
     counter: &AtomicU64,
+    read: &Cell<u64>,
     activity: &Activity,
     pause: &Pause,
     dir: u8,
@@ -257,6 +285,7 @@ async fn copy(
             }
         }
         crate::metrics::ForwardStats::add(counter, n as u64);
+        read.set(read.get() + n as u64);
         pause.saw_read(dir, n);
     }
 }

@@ -16,6 +16,9 @@
 //!   timeout) we `shutdown(SHUT_RD)` both sockets first, which completes
 //!   any pending read at once; with SO_LINGER 0 the close then sends RST.
 //!
+//! [`Abort::current`](super::Abort::current) (drain timeout, forced exit) takes the same early exit,
+//! with RST.
+//!
 //! Docker's default seccomp profile (since 25.0) blocks io_uring, so
 //! [`probe`] checks `io_uring_setup` at start-up and reports the errno.
 
@@ -69,7 +72,7 @@ pub async fn relay(conn: Conn) -> io::Result<()> {
     let upstream = TcpStream::from_std(conn.upstream);
     // Ends the connection early. Both streams are alive for the whole of
     // `relay`, so `fds` are open whenever this runs.
-    let abort = |reset: bool| {
+    let cut = |reset: bool| {
         for fd in fds {
             // Safety: see above; the borrow does not outlive this loop.
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
@@ -81,6 +84,7 @@ pub async fn relay(conn: Conn) -> io::Result<()> {
         }
     };
     let activity = Activity::new();
+    let aborted = super::Abort::current();
     let stats = &conn.stats;
 
     let client_to_server = copy(&client, &upstream, &stats.bytes_to_upstream, &activity);
@@ -89,12 +93,17 @@ pub async fn relay(conn: Conn) -> io::Result<()> {
         r = async { tokio::try_join!(client_to_server, server_to_client) } => r.map(|_| ()),
         () = activity.idle(conn.settings.idle_timeout) => {
             tracing::debug!(id = conn.id, client = %conn.client_addr, "idle timeout");
-            abort(false);
+            cut(false);
+            return Ok(());
+        }
+        () = aborted.raised() => {
+            tracing::debug!(id = conn.id, client = %conn.client_addr, "aborted: resetting both sides");
+            cut(true);
             return Ok(());
         }
     };
     if result.is_err() {
-        abort(true);
+        cut(true);
     }
     result
 }

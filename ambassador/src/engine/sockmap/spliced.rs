@@ -1,0 +1,239 @@
+//! The driver of one spliced connection: it reads the kernel counters of
+//! both halves, asks the state machines (`half.rs`) what to do, and does it
+//! (forward a FIN, take the sockets out of the maps). It is the only place
+//! that touches the sockets of a spliced connection.
+//!
+//! Wake-ups: the watcher thread (RDHUP and errors), plus a tick that is
+//! fast while bytes move and backs off to [`TICK_SLOW`] when the connection
+//! is idle. Every tick checks byte conservation for both halves; a
+//! violation resets both sockets.
+
+use super::Sockmap;
+use super::half::{self, Half, Integrity, Move, Observed, Path, Route};
+use super::watcher::Slot;
+use crate::bpf;
+use crate::engine::Activity;
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Tick while bytes move or an edge is pending.
+const TICK_FAST: Duration = Duration::from_millis(2);
+/// Slowest tick for an idle connection.
+const TICK_SLOW: Duration = Duration::from_millis(500);
+/// Names of the halves, for logs: half d reads socks[d], writes socks[1-d].
+pub const HALF_NAMES: [&str; 2] = ["client->server", "server->client"];
+
+/// Where each half's counters start, taken before the insert.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Base {
+    /// Bytes userspace read from `src` before the insert (the adaptive
+    /// policy's copy loop); `tcpi_bytes_received` minus this is what the
+    /// kernel path is accountable for.
+    pub pre_read: u64,
+    /// `queued_total(dst)` before the insert.
+    pub dst_queued: u64,
+}
+
+pub struct Spliced<'a> {
+    pub sm: &'a Sockmap,
+    pub id: u64,
+    pub socks: [&'a TcpStream; 2],
+    pub cookies: [u64; 2],
+    pub base: [Base; 2],
+    /// Which sockets are in `VERDICT` (the upstream may have failed to join).
+    pub in_verdict: [bool; 2],
+    pub halves: [Half; 2],
+    pub route: Route,
+    /// Test hook: leave once this many bytes were redirected in total.
+    pub leave_after: Option<u64>,
+    pub activity: Activity,
+}
+
+/// How a spliced connection ended.
+pub enum Outcome {
+    /// Both halves forwarded their FIN.
+    Done,
+    /// The connection left the kernel: both sockets are plain TCP sockets
+    /// again, every redirected byte is in its destination, and the copy
+    /// loop must carry the connection on.
+    Left,
+}
+
+/// Why a spliced connection ended early.
+pub enum End {
+    Io(io::Error),
+    Integrity(usize, Integrity),
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        End::Io(e)
+    }
+}
+
+impl Spliced<'_> {
+    /// Watch the connection until both halves forwarded their FIN, or it
+    /// left the kernel.
+    pub async fn run(&mut self, slot: &Slot) -> Result<Outcome, End> {
+        // The kick: run the verdict over anything queued before the insert.
+        for d in 0..2 {
+            if self.in_verdict[d] {
+                bpf::kick_verdict(self.socks[d])?;
+            }
+        }
+        let force = !self.in_verdict.iter().all(|&v| v);
+        let mut redirected_at_leave = [0u64; 2];
+        let mut last = [0u64; 2];
+        let mut tick = TICK_FAST;
+        loop {
+            let ev = [
+                slot.events[0].swap(0, Ordering::AcqRel),
+                slot.events[1].swap(0, Ordering::AcqRel),
+            ];
+            for (i, e) in ev.iter().enumerate() {
+                if e & (libc::EPOLLRDHUP as u32) != 0 {
+                    self.halves[i].saw_rdhup();
+                }
+                // An error, or a hang-up we did not cause by shutting the
+                // socket down ourselves: the connection is broken both ways.
+                let hup = e & (libc::EPOLLHUP as u32) != 0 && !self.halves[1 - i].done();
+                if e & (libc::EPOLLERR as u32) != 0 || hup {
+                    let err = bpf::so_error(self.socks[i]);
+                    let err = if err != 0 { err } else { libc::ECONNRESET };
+                    return Err(End::Io(io::Error::from_raw_os_error(err)));
+                }
+            }
+            let o = [self.observe(0)?, self.observe(1)?];
+            tracing::trace!(id = self.id, path = ?self.route.path(), fin = ?[self.halves[0].fin(), self.halves[1].fin()], ?o, "tick");
+            let mut busy = false;
+            for d in 0..2 {
+                if o[d].redirected != last[d] {
+                    last[d] = o[d].redirected;
+                    self.activity.touch();
+                    busy = true;
+                }
+            }
+            let hook = self
+                .leave_after
+                .is_some_and(|n| o[0].redirected + o[1].redirected >= n);
+            match self.route.decide([&o[0], &o[1]], force || hook) {
+                Move::LeaveVerdict => {
+                    self.leave_verdict()?;
+                    for d in 0..2 {
+                        // After the barrier the program cannot redirect any
+                        // more: these counts are final.
+                        redirected_at_leave[d] = self
+                            .sm
+                            .splicer
+                            .borrow()
+                            .stats(self.cookies[d])?
+                            .redirected_bytes;
+                    }
+                    self.route.left_verdict();
+                    self.sm.left.set(self.sm.left.get() + 1);
+                    tracing::debug!(id = self.id, in_flight = ?[o[0].in_flight(), o[1].in_flight()], "connection leaves the kernel");
+                    continue;
+                }
+                Move::Unlink => {
+                    for (d, od) in o.iter().enumerate() {
+                        half::check(od).map_err(|e| End::Integrity(d, e))?;
+                    }
+                    let mut s = self.sm.splicer.borrow_mut();
+                    s.unlink(self.cookies[0])?;
+                    s.unlink(self.cookies[1])?;
+                    self.route.unlinked([&o[0], &o[1]]);
+                    return Ok(Outcome::Left);
+                }
+                Move::Stay => {}
+            }
+            match self.route.path() {
+                Path::Spliced => {
+                    for d in 0..2 {
+                        busy |= self.step(d, &o[d])?;
+                    }
+                    if self.halves.iter().all(Half::done) {
+                        return Ok(Outcome::Done);
+                    }
+                }
+                Path::Leaving => {
+                    for d in 0..2 {
+                        half::check(&o[d]).map_err(|e| End::Integrity(d, e))?;
+                        if o[d].redirected != redirected_at_leave[d] {
+                            return Err(End::Integrity(
+                                d,
+                                Integrity {
+                                    what: "redirected after leaving the kernel",
+                                    observed: o[d],
+                                },
+                            ));
+                        }
+                    }
+                    busy = true;
+                }
+                Path::Left => unreachable!("returned above"),
+            }
+            tick = if busy {
+                TICK_FAST
+            } else {
+                (tick * 2).min(TICK_SLOW)
+            };
+            tokio::select! {
+                () = slot.notify.notified() => tick = TICK_FAST,
+                () = tokio::time::sleep(tick) => {}
+            }
+        }
+    }
+
+    /// The counters of half `d`, read in the order that makes the checks
+    /// sound under concurrent progress: what `dst` took before what was
+    /// redirected to it (so `dst_taken <= redirected` cannot fail by
+    /// timing), and what was redirected before what `src` received (so
+    /// `redirected <= received` cannot either).
+    fn observe(&self, d: usize) -> Result<Observed, End> {
+        let queued = bpf::queued_total(self.socks[1 - d])?;
+        let st = self.sm.splicer.borrow().stats(self.cookies[d])?;
+        let received = bpf::bytes_received(self.socks[d])?.saturating_sub(self.base[d].pre_read);
+        // Once the FIN is forwarded it sits in dst's send queue too.
+        let fin = u64::from(self.halves[d].done());
+        let dst_taken = queued.saturating_sub(self.base[d].dst_queued + fin);
+        Ok(Observed {
+            redirected: st.redirected_bytes,
+            passed: st.passed_bytes,
+            misses: st.misses,
+            received,
+            dst_taken,
+        })
+    }
+
+    /// Plan and act for a spliced half. Returns whether it is busy.
+    fn step(&mut self, d: usize, o: &Observed) -> Result<bool, End> {
+        let plan = self.halves[d].plan(o).map_err(|e| End::Integrity(d, e))?;
+        if plan.kick {
+            bpf::kick_verdict(self.socks[d])?;
+        }
+        if plan.shutdown {
+            let _ = self.socks[1 - d].shutdown(Shutdown::Write);
+            self.halves[d].forwarded();
+        }
+        Ok(plan.busy)
+    }
+
+    /// Take both sockets out of `VERDICT` (no verdict runs for them any
+    /// more), then take each socket's lock once: a verdict that was still
+    /// running in softirq on another CPU has finished when it returns.
+    fn leave_verdict(&mut self) -> io::Result<()> {
+        for d in 0..2 {
+            if self.in_verdict[d] {
+                self.sm.splicer.borrow_mut().leave(self.cookies[d])?;
+                self.in_verdict[d] = false;
+            }
+        }
+        for s in self.socks {
+            // TCP_INFO takes the socket lock (lock_sock_fast).
+            bpf::bytes_received(s)?;
+        }
+        Ok(())
+    }
+}

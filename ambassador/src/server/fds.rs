@@ -1,0 +1,172 @@
+//! Running out of file descriptors without hurting anyone.
+//!
+//! Every proxied connection needs two descriptors: the accepted client and
+//! the upstream socket. If the process accepted a client with only one
+//! descriptor left, the upstream socket would fail with EMFILE and the
+//! client would be accepted and then dropped, which is worse than never
+//! accepting it: a client left in the kernel's backlog just waits (its
+//! handshake is done, its bytes are buffered) until we take it.
+//!
+//! So before each `accept(2)` we check that there is room: [`FdBudget`]
+//! duplicates a spare `/dev/null` descriptor `2 + pending` times and closes
+//! the copies again, where `pending` counts clients accepted whose upstream
+//! socket is not open yet (each still needs one). If that fails we do not
+//! accept. This costs two `fcntl(F_DUPFD_CLOEXEC)` and two `close` per
+//! connection, needs no bookkeeping of every descriptor the process opens,
+//! and is exact because the accept loops and the connects all run on one
+//! thread: nothing else can take a descriptor between the check and the
+//! accept.
+//!
+//! While out of descriptors an accept loop retries after a back-off that
+//! doubles from 10 ms to 1 s. The process logs ONE warning when an episode
+//! starts and one `accepting again` line at the first accept after it, not
+//! a line per try. Descriptors come back one connection at a time, so right
+//! after resuming the process often runs out again; that is the same
+//! episode, which ends only once [`EPISODE_MARGIN`] descriptors beyond the
+//! next connection's are free again.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::io;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// First and longest wait before retrying while out of descriptors.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Free descriptors (beyond what the next connection needs) that end an
+/// out-of-descriptors episode.
+pub const EPISODE_MARGIN: usize = 16;
+
+/// Shared by every accept loop of the process (the descriptor table is the
+/// process's).
+pub struct FdBudget {
+    spare: File,
+    pending: Cell<usize>,
+    /// An out-of-descriptors episode is going on (its warning was logged).
+    exhausted: Cell<bool>,
+    /// This episode's `accepting again` line was logged.
+    resumed: Cell<bool>,
+}
+
+impl FdBudget {
+    pub fn new() -> io::Result<Rc<Self>> {
+        Ok(Rc::new(FdBudget {
+            spare: File::open("/dev/null")?,
+            pending: Cell::new(0),
+            exhausted: Cell::new(false),
+            resumed: Cell::new(false),
+        }))
+    }
+
+    /// Is there room for one more connection (its client and its upstream
+    /// socket, plus the upstream sockets of the clients still connecting)?
+    pub fn room_for_one(&self) -> bool {
+        self.room_for(2 + self.pending.get())
+    }
+
+    fn room_for(&self, n: usize) -> bool {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self.spare.try_clone() {
+                Ok(f) => held.push(f),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Out of descriptors (the check failed, or accept said EMFILE/ENFILE):
+    /// warn if this starts an episode.
+    pub fn exhausted(&self, forward: &str, why: &str) {
+        if !self.exhausted.replace(true) {
+            self.resumed.set(false);
+            let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft.to_string())
+                .unwrap_or_else(|_| "?".into());
+            tracing::warn!(
+                forward = %forward,
+                limit = %limit,
+                reason = %why,
+                "out of file descriptors: not accepting until connections close \
+                 (new clients wait in the backlog)"
+            );
+        }
+    }
+
+    /// A connection was accepted: say so once per episode, and end the
+    /// episode once there is room to spare again.
+    pub fn accepted(&self, forward: &str) {
+        if !self.exhausted.get() {
+            return;
+        }
+        if !self.resumed.replace(true) {
+            tracing::info!(forward = %forward, "accepting again");
+        }
+        if self.room_for(2 + self.pending.get() + EPISODE_MARGIN) {
+            self.exhausted.set(false);
+            tracing::debug!("out-of-descriptors episode over");
+        }
+    }
+
+    /// Count a client whose upstream socket is not open yet, until the
+    /// guard is dropped.
+    pub fn pending(self: &Rc<Self>) -> Pending {
+        self.pending.set(self.pending.get() + 1);
+        Pending(self.clone())
+    }
+}
+
+/// See [`FdBudget::pending`].
+pub struct Pending(Rc<FdBudget>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.set(self.0.pending.get() - 1);
+    }
+}
+
+/// Is this accept error "no descriptor for the new socket"?
+pub fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// The growing wait between retries while out of descriptors.
+pub struct Backoff(Option<Duration>);
+
+impl Backoff {
+    pub fn new() -> Self {
+        Backoff(None)
+    }
+
+    /// The next wait: 10 ms, 20 ms, … up to 1 s.
+    pub fn next(&mut self) -> Duration {
+        let d = self.0.map_or(BACKOFF_MIN, |d| (d * 2).min(BACKOFF_MAX));
+        self.0 = Some(d);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_second() {
+        let mut b = Backoff::new();
+        let v: Vec<u128> = (0..10).map(|_| b.next().as_millis()).collect();
+        assert_eq!(v, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next(), BACKOFF_MIN);
+    }
+}

@@ -1,0 +1,493 @@
+//! Hardening (issue 14): what the ambassador does with hostile or unlucky
+//! input and situations — signals an operator sends, forwards that point at
+//! the ambassador itself, absurd durations, running out of file
+//! descriptors, connections cut at the drain timeout, unreadable link
+//! variables, low ports without the capability, and the capability drop.
+//! Every test runs the real binary as a separate process over loopback.
+
+mod support;
+
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::{BIN, Proxy, echo_server, free_port};
+
+/// Run the binary to completion: (exit code, stderr).
+fn run(cmd: &mut Command) -> (Option<i32>, String) {
+    let out = cmd.output().expect("run ambassador");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `ambassador <args>` with an empty environment.
+fn ambassador(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear().args(args);
+    cmd
+}
+
+/// A bad-input run: exit 2 and exactly one line on stderr, returned.
+fn bad_input(cmd: &mut Command) -> String {
+    let (code, err) = run(cmd);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    err.trim_end().to_string()
+}
+
+/// Write `msg` and read it back through an echo forward.
+fn round_trip(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(got, msg);
+}
+
+/// Read until the stream ends; Ok(bytes) after a clean FIN, Err after a reset.
+fn read_to_end(c: &mut TcpStream) -> io::Result<Vec<u8>> {
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut v = Vec::new();
+    c.read_to_end(&mut v).map(|_| v)
+}
+
+/// Wait (bounded) for `cond`.
+fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// The engines to run a per-engine test on: epoll and uring always (they
+/// are this file's subject), sockmap where it starts.
+fn engines() -> Vec<&'static str> {
+    ["epoll", "uring", "sockmap"]
+        .into_iter()
+        .filter(|m| support::engine_available(m))
+        .collect()
+}
+
+#[test]
+fn sighup_is_logged_and_the_process_keeps_serving() {
+    let echo = echo_server();
+    let mut p = Proxy::forward("epoll", &format!("127.0.0.1:{echo}"), &[]);
+    p.signal(libc::SIGHUP);
+    assert!(
+        p.wait_log("reload requested: no config file, nothing to reload", 10),
+        "{}",
+        p.log()
+    );
+    let mut c = p.connect();
+    round_trip(&mut c, b"still here");
+    assert!(p.child.try_wait().unwrap().is_none(), "SIGHUP killed it");
+    assert_eq!(
+        p.log_count("reload requested"),
+        1,
+        "one line per SIGHUP: {}",
+        p.log()
+    );
+}
+
+#[test]
+fn a_forward_to_itself_is_refused_at_start_up() {
+    let port = free_port();
+    let cases = [
+        format!("127.0.0.1:{port}=127.0.0.1:{port}"),
+        format!("127.0.0.1:{port}=localhost:{port}"),
+        format!("{port}=127.0.0.1:{port}"),
+        // A wildcard listener is reached through any local address.
+        format!("{port}=127.0.0.2:{port}"),
+        format!("[::1]:{port}=localhost:{port}"),
+    ];
+    for f in &cases {
+        let line = bad_input(&mut ambassador(&["--check", "--forward", f]));
+        assert!(
+            line.starts_with(&format!("ambassador: error: --forward {f}: ")),
+            "{line}"
+        );
+        assert!(line.contains("loop"), "{line}");
+    }
+    // The same through a link variable (listens on 0.0.0.0:<port>).
+    let var = format!("DB_PORT_{port}_TCP");
+    let line = bad_input(ambassador(&["--check"]).env(&var, format!("tcp://127.0.0.1:{port}")));
+    assert!(
+        line.starts_with(&format!("ambassador: error: {var}: ")),
+        "{line}"
+    );
+    // Not loops: another port, another loopback address than the one listened on.
+    for f in [
+        format!("127.0.0.1:{port}=127.0.0.1:{}", port.wrapping_add(1).max(1)),
+        format!("127.0.0.1:{port}=127.0.0.2:{port}"),
+    ] {
+        let (code, err) = run(&mut ambassador(&["--check", "--forward", &f]));
+        assert_eq!(code, Some(0), "{f}: {err}");
+    }
+}
+
+#[test]
+fn a_loop_between_two_forwards_is_cut_after_one_hop() {
+    for mode in engines() {
+        loop_between_two_forwards(mode);
+    }
+}
+
+fn loop_between_two_forwards(mode: &str) {
+    let echo = echo_server();
+    let (a, b, c) = (free_port(), free_port(), free_port());
+    let fa = format!("127.0.0.1:{a}=127.0.0.1:{b}");
+    let fb = format!("127.0.0.1:{b}=127.0.0.1:{a}");
+    let fc = format!("127.0.0.1:{c}=127.0.0.1:{echo}");
+    let mode_args: &[&str] = match mode {
+        "sockmap" => &["--mode", "sockmap", "--splice", "always"],
+        m => &["--mode", m],
+    };
+    let mut cmd = ambassador(mode_args);
+    cmd.args(["--forward", &fa, "--forward", &fb, "--forward", &fc]);
+    let p = Proxy::spawn(cmd, c).expect("ready");
+    let base_fds = p.fd_count();
+    const N: u64 = 20;
+    for _ in 0..N {
+        let mut s = TcpStream::connect(("127.0.0.1", a)).unwrap();
+        // The looping connection ends (reset or closed), it is never served.
+        let r = read_to_end(&mut s);
+        assert!(r.as_ref().map_or(true, |v| v.is_empty()), "{r:?}");
+        assert!(
+            p.fd_count() <= base_fds + 8,
+            "fd storm: {} descriptors (from {base_fds})",
+            p.fd_count()
+        );
+    }
+    let mut s = TcpStream::connect(("127.0.0.1", b)).unwrap();
+    let r = read_to_end(&mut s);
+    assert!(r.as_ref().map_or(true, |v| v.is_empty()), "{r:?}");
+    // The third forward is untouched.
+    let mut s = p.connect();
+    round_trip(&mut s, b"normal forward");
+    drop(s);
+    assert!(
+        wait_for(10, || p.fd_count() <= base_fds + 2),
+        "descriptors left open: {} (from {base_fds})",
+        p.fd_count()
+    );
+    // One warning per forward for the whole episode, an error per attempt.
+    let log = p.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("forward loop")).collect();
+    assert_eq!(warnings.len(), 2, "{log}");
+    assert!(
+        warnings[0].contains(&format!("forward=--forward {fa} ")),
+        "{log}"
+    );
+    assert!(
+        warnings[1].contains(&format!("forward=--forward {fb} ")),
+        "{log}"
+    );
+    p.signal(libc::SIGUSR1);
+    assert!(p.wait_log(&format!("forward=--forward {fc} "), 10));
+    assert!(wait_for(10, || p
+        .stat_for(&format!("--forward {fc}"), "errors")
+        .is_some()));
+    assert_eq!(
+        p.stat_for(&format!("--forward {fa}"), "errors"),
+        Some(N),
+        "{}",
+        p.log()
+    );
+    assert_eq!(
+        p.stat_for(&format!("--forward {fc}"), "errors"),
+        Some(0),
+        "{}",
+        p.log()
+    );
+    assert!(!p.log().contains("connection error"), "{}", p.log());
+}
+
+#[test]
+fn absurd_durations_are_one_line_errors() {
+    let fwd = ["--check", "--forward", "7000=db:1"];
+    for flag in ["--idle-timeout", "--connect-timeout", "--drain-timeout"] {
+        for v in [
+            "99999999999999999999999h",
+            "99999999999999999999999",
+            "400d",
+        ] {
+            let line = bad_input(ambassador(&fwd).args([flag, v]));
+            assert_eq!(
+                line,
+                format!("ambassador: error: {flag}: \"{v}\" is too long (at most 365d)")
+            );
+        }
+        let line = bad_input(ambassador(&fwd).args([flag, "5 parsecs"]));
+        assert!(line.contains("is not a duration"), "{line}");
+        for v in ["5", "250ms", "5s", "2m", "1h", "1h 30m"] {
+            let (code, err) = run(ambassador(&fwd).args([flag, v]));
+            assert_eq!(code, Some(0), "{flag} {v}: {err}");
+        }
+    }
+    for flag in ["--idle-timeout", "--connect-timeout"] {
+        let line = bad_input(ambassador(&fwd).args([flag, "0"]));
+        assert_eq!(
+            line,
+            format!("ambassador: error: {flag}: must be more than 0")
+        );
+    }
+    // A drain timeout of 0 means "reset at once".
+    let (code, err) = run(ambassador(&fwd).args(["--drain-timeout", "0"]));
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// A proxy to an echo server with one live, proven connection.
+fn proxy_with_live_connection(mode: &str, drain: &str) -> (Proxy, TcpStream) {
+    let echo = echo_server();
+    let p = Proxy::forward(
+        mode,
+        &format!("127.0.0.1:{echo}"),
+        &["--drain-timeout", drain],
+    );
+    let mut c = p.connect();
+    round_trip(&mut c, b"live");
+    (p, c)
+}
+
+#[test]
+fn the_drain_timeout_resets_live_connections() {
+    for mode in engines() {
+        let (mut p, mut c) = proxy_with_live_connection(mode, "300ms");
+        p.signal(libc::SIGTERM);
+        let r = read_to_end(&mut c);
+        assert_eq!(
+            r.as_ref().map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "{mode}: a cut stream must not look finished: {r:?}\n{}",
+            p.log()
+        );
+        assert_eq!(p.wait_exit(20), Some(0), "{mode}: {}", p.log());
+        assert!(
+            p.log()
+                .contains("drain timeout: closing live connections with a reset")
+        );
+    }
+}
+
+#[test]
+fn a_second_stop_signal_forces_exit_1() {
+    for mode in engines() {
+        for (first, second) in [
+            (libc::SIGTERM, libc::SIGTERM),
+            (libc::SIGTERM, libc::SIGINT),
+        ] {
+            let (mut p, mut c) = proxy_with_live_connection(mode, "10m");
+            p.signal(first);
+            assert!(p.wait_log("draining", 10), "{}", p.log());
+            p.signal(second);
+            assert_eq!(p.wait_exit(20), Some(1), "{mode}: {}", p.log());
+            assert!(p.log().contains("second stop signal"), "{}", p.log());
+            let r = read_to_end(&mut c);
+            assert_eq!(
+                r.as_ref().map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionReset),
+                "{mode}: {r:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn non_utf8_link_variables_are_named() {
+    let bad = OsStr::from_bytes(b"tcp://10.0.0.\xff:6379");
+    // The only would-be forward: the error names it.
+    let line = bad_input(ambassador(&[]).env("DB_PORT_6379_TCP", bad));
+    assert!(line.contains("no forwards configured"), "{line}");
+    assert!(line.contains("skipped DB_PORT_6379_TCP"), "{line}");
+    // Next to a real forward: one warning naming it and why.
+    let port = free_port();
+    let mut cmd = ambassador(&[
+        "--mode",
+        "epoll",
+        "--forward",
+        &format!("127.0.0.1:{port}=127.0.0.1:9"),
+    ]);
+    cmd.env("DB_PORT_6379_TCP", bad);
+    let p = Proxy::spawn(cmd, port).expect("ready");
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("link variable skipped"))
+        .unwrap_or_else(|| panic!("no warning: {log}"));
+    assert!(line.contains("var=DB_PORT_6379_TCP"), "{line}");
+    assert!(line.contains("value is not valid UTF-8"), "{line}");
+}
+
+/// A port below 1024 nothing listens on (the test runs as root).
+fn free_low_port() -> u16 {
+    (600..1000)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below 1024")
+}
+
+#[test]
+fn a_low_port_without_the_capability_says_what_is_needed() {
+    let port = free_low_port();
+    let mut cmd = ambassador(&[
+        "--mode",
+        "epoll",
+        "--forward",
+        &format!("127.0.0.1:{port}=127.0.0.1:9"),
+    ]);
+    support::restrict(&mut cmd, true, false);
+    let (code, err) = run(&mut cmd);
+    assert_eq!(code, Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("cannot listen"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+    assert!(line.contains("CAP_NET_BIND_SERVICE"), "{line}");
+    assert!(line.contains("port ≥ 1024"), "{line}");
+}
+
+/// Every capability set of the process is empty.
+fn assert_no_capabilities(p: &Proxy) {
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(
+            p.status_field(set).as_deref(),
+            Some("0000000000000000"),
+            "{set}: {}",
+            p.log()
+        );
+    }
+}
+
+#[test]
+fn capabilities_are_dropped_and_verified() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test runs as root");
+    let p = Proxy::forward("epoll", "127.0.0.1:9", &[]);
+    assert_no_capabilities(&p);
+
+    // Without a readable /proc (a tmpfs over it, in the child's own mount
+    // namespace), the drop must not be skipped.
+    let port = free_port();
+    let mut cmd = ambassador(&[
+        "--mode",
+        "epoll",
+        "--forward",
+        &format!("127.0.0.1:{port}=127.0.0.1:9"),
+    ]);
+    unsafe {
+        cmd.pre_exec(|| {
+            let c = |p: &[u8]| p.as_ptr() as *const libc::c_char;
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    std::ptr::null(),
+                    c(b"/\0"),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    c(b"tmpfs\0"),
+                    c(b"/proc\0"),
+                    c(b"tmpfs\0"),
+                    0,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let p = Proxy::spawn(cmd, port).expect("ready without /proc");
+    assert_no_capabilities(&p);
+}
+
+#[test]
+fn out_of_descriptors_stops_accepting_and_resumes() {
+    const LIMIT: u64 = 40;
+    // About 14 connections fit in 40 descriptors: 20 clients leave a few
+    // in the backlog, and closing 8 served ones makes room for them all.
+    const CLIENTS: usize = 20;
+    let echo = echo_server();
+    let port = free_port();
+    let mut cmd = ambassador(&[
+        "--mode",
+        "epoll",
+        "--forward",
+        &format!("127.0.0.1:{port}=127.0.0.1:{echo}"),
+    ]);
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let p = Proxy::spawn(cmd, port).expect("ready");
+    // More clients than descriptors: the kernel completes every
+    // handshake, the ambassador takes what it can serve.
+    let mut clients: Vec<TcpStream> = (0..CLIENTS).map(|_| p.connect()).collect();
+    assert!(p.wait_log("out of file descriptors", 20), "{}", p.log());
+    p.signal(libc::SIGUSR1);
+    assert!(
+        wait_for(10, || p.stat("conns_total").is_some()),
+        "{}",
+        p.log()
+    );
+    let served = p.stat("conns_total").unwrap() as usize;
+    assert!(
+        served > 0 && served < CLIENTS,
+        "served {served}: {}",
+        p.log()
+    );
+    assert_eq!(
+        p.stat("errors"),
+        Some(0),
+        "no client accepted then dropped: {}",
+        p.log()
+    );
+    // Accept order is connect order: the first `served` are served ...
+    for (i, c) in clients[..served].iter_mut().enumerate() {
+        round_trip(c, format!("served {i}").as_bytes());
+    }
+    // ... and the others wait in the backlog, their bytes buffered.
+    for (i, c) in clients[served..].iter_mut().enumerate() {
+        c.write_all(format!("waiting {i}").as_bytes()).unwrap();
+    }
+    // Free enough descriptors for every waiting client.
+    let waiting = CLIENTS - served;
+    let close = waiting + 2;
+    assert!(close <= served, "served {served}, waiting {waiting}");
+    let rest: Vec<TcpStream> = clients.drain(close..).collect();
+    drop(clients);
+    assert!(p.wait_log("accepting again", 20), "{}", p.log());
+    let mut rest = rest;
+    let first_waiting = served - close;
+    for (i, c) in rest[first_waiting..].iter_mut().enumerate() {
+        let want = format!("waiting {i}");
+        let mut got = vec![0u8; want.len()];
+        c.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("waiting client {i}: {e}\n{}", p.log()));
+        assert_eq!(got, want.as_bytes());
+    }
+    assert_eq!(
+        p.log_count("out of file descriptors"),
+        1,
+        "one warning per episode: {}",
+        p.log()
+    );
+    assert_eq!(p.log_count("accepting again"), 1, "{}", p.log());
+    assert!(!p.log().contains("upstream connect failed"), "{}", p.log());
+}

@@ -234,3 +234,62 @@ fn metrics_refuses_a_public_address_without_the_flag() {
     let out = run(&["--check", "--metrics", "nope"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Through the sockmap engine the kernel's counters are folded in before
+/// each scrape: copied plus spliced bytes equal the bytes sent, each way.
+#[test]
+fn sockmap_spliced_bytes_are_scraped() {
+    if !engine_available("sockmap") {
+        eprintln!("sockmap engine not available here: skipped");
+        return;
+    }
+    const K: u64 = 4 << 20;
+    let echo = echo_server();
+    let mport = free_port();
+    let maddr = format!("127.0.0.1:{mport}");
+    let p = Proxy::forward(
+        "sockmap",
+        &format!("127.0.0.1:{echo}"),
+        &["--metrics", &maddr],
+    );
+    let mut c = p.connect();
+    let mut r = c.try_clone().unwrap();
+    let check = std::thread::spawn(move || check_stream(&mut r, 9, K));
+    send_stream(&mut c, 9, K).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(check.join().unwrap(), Ok(K));
+    let fwd = p.addr();
+    let fwd = [("listen", fwd.as_str())];
+    assert!(
+        wait_until(10, || scrape(mport)
+            .1
+            .value("ambassador_connections_active", &fwd)
+            == Some(0.0)),
+        "{}",
+        p.log()
+    );
+    let (text, m) = scrape(mport);
+    promtool_check(&text);
+    let v = |name: &str| {
+        m.value(name, &fwd)
+            .unwrap_or_else(|| panic!("{name}\n{text}"))
+    };
+    assert_eq!(
+        v("ambassador_bytes_to_upstream_total") + v("ambassador_spliced_to_upstream_total"),
+        K as f64,
+        "{text}"
+    );
+    assert_eq!(
+        v("ambassador_bytes_to_client_total") + v("ambassador_spliced_to_client_total"),
+        K as f64,
+        "{text}"
+    );
+    assert!(
+        v("ambassador_spliced_to_upstream_total") > 0.0,
+        "spliced: {text}"
+    );
+    assert_eq!(
+        m.value("ambassador_engine_info", &[("engine", "sockmap")]),
+        Some(1.0)
+    );
+}

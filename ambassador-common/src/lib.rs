@@ -47,10 +47,15 @@ pub struct DirStats {
     pub redirected_bytes: u64,
     /// skbs redirected.
     pub redirected_segs: u64,
-    /// Payload bytes left on the source socket (`SK_PASS`) for userspace
-    /// to copy: the backpressure ("pass") mode, see `DirCtrl`.
+    /// Payload bytes left on the source socket (`SK_PASS`) because the
+    /// budget in `DirCtrl` ran out. The engine keeps that budget as a far
+    /// backstop and never copies passed bytes (reading a socket that is in a
+    /// sockmap is unsafe, see docs/sockmap.md): any passed byte makes its
+    /// integrity check reset the connection.
     pub passed_bytes: u64,
-    /// skbs whose redirect failed (no peer entry): also `SK_PASS`ed.
+    /// skbs whose redirect failed (no peer entry). The program drops them
+    /// (`SK_DROP`) after TCP acknowledged them: those bytes are lost, and
+    /// the engine's integrity check resets the connection.
     pub misses: u64,
     /// Zero-length skbs (a FIN) dropped rather than redirected.
     pub zero_len: u64,
@@ -60,13 +65,11 @@ pub struct DirStats {
 ///
 /// The program redirects an skb of `len` bytes only while
 /// `passed_bytes == forwarded && redirected_bytes + len <= limit`.
-/// Otherwise it returns `SK_PASS`: the bytes stay queued on the source
-/// socket, charged to its receive buffer, so TCP flow control pushes back on
-/// the sender. Userspace raises `limit` as the peer drains (bounding the
-/// kernel's unaccounted redirect backlog), and copies passed bytes itself,
-/// bumping `forwarded` only after they are fully written to the peer, so
-/// redirecting resumes exactly when nothing passed is still pending: order
-/// is preserved across both paths.
+/// Otherwise it returns `SK_PASS` (the bytes stay on the source socket,
+/// charged to its receive buffer) and the first time pushes the cookie to
+/// `EVENTS`. The engine sets `limit` to a backstop far above its own
+/// in-flight cap and leaves `forwarded` at 0: it takes a connection out of
+/// the kernel long before the program would pass (see `engine::sockmap`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirCtrl {

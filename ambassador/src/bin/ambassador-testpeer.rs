@@ -492,6 +492,9 @@ fn wrap(args: &[String]) -> Res<()> {
 struct Cell {
     name: &'static str,
     mode: &'static str,
+    /// `--splice` policy for the sockmap engine, and extra environment.
+    splice: &'static str,
+    env: &'static [(&'static str, &'static str)],
     nonroot: bool,
     seccomp: Seccomp,
     /// Value written to `kernel.io_uring_disabled` for this cell (guests only: the host's
@@ -506,6 +509,8 @@ const CELLS: &[Cell] = &[
         nonroot: false,
         seccomp: Seccomp::Off,
         uring_sysctl: None,
+        splice: "always",
+        env: &[],
     },
     Cell {
         name: "uring",
@@ -513,6 +518,8 @@ const CELLS: &[Cell] = &[
         nonroot: false,
         seccomp: Seccomp::Off,
         uring_sysctl: None,
+        splice: "always",
+        env: &[],
     },
     Cell {
         name: "epoll",
@@ -520,6 +527,8 @@ const CELLS: &[Cell] = &[
         nonroot: false,
         seccomp: Seccomp::Off,
         uring_sysctl: None,
+        splice: "always",
+        env: &[],
     },
     Cell {
         name: "auto",
@@ -527,6 +536,8 @@ const CELLS: &[Cell] = &[
         nonroot: false,
         seccomp: Seccomp::Off,
         uring_sysctl: None,
+        splice: "always",
+        env: &[],
     },
     Cell {
         name: "auto-nonroot",
@@ -534,6 +545,8 @@ const CELLS: &[Cell] = &[
         nonroot: true,
         seccomp: Seccomp::Off,
         uring_sysctl: None,
+        splice: "always",
+        env: &[],
     },
     Cell {
         name: "auto-seccomp",
@@ -541,6 +554,8 @@ const CELLS: &[Cell] = &[
         nonroot: false,
         seccomp: Seccomp::UringBpf,
         uring_sysctl: None,
+        splice: "always",
+        env: &[],
     },
     Cell {
         name: "auto-nonroot-nouring",
@@ -548,6 +563,8 @@ const CELLS: &[Cell] = &[
         nonroot: true,
         seccomp: Seccomp::Uring,
         uring_sysctl: None,
+        splice: "always",
+        env: &[],
     },
     Cell {
         name: "auto-nonroot-sysctl",
@@ -555,6 +572,30 @@ const CELLS: &[Cell] = &[
         nonroot: true,
         seccomp: Seccomp::Off,
         uring_sysctl: Some("2"),
+        splice: "always",
+        env: &[],
+    },
+    // The default policy, promoting at the first quiet point so that the
+    // checks run through promotions.
+    Cell {
+        name: "sockmap-adaptive",
+        mode: "sockmap",
+        nonroot: false,
+        seccomp: Seccomp::Off,
+        uring_sysctl: None,
+        splice: "adaptive",
+        env: &[("AMBASSADOR_SOCKMAP_PROMOTE_TURNS", "0")],
+    },
+    // Every spliced connection leaves the kernel as soon as a byte is in
+    // flight: the way out of the maps (to the copy loop) on every kernel.
+    Cell {
+        name: "sockmap-leave",
+        mode: "sockmap",
+        nonroot: false,
+        seccomp: Seccomp::Off,
+        uring_sysctl: None,
+        splice: "always",
+        env: &[("AMBASSADOR_SOCKMAP_INFLIGHT", "0")],
     },
 ];
 
@@ -659,9 +700,11 @@ fn start_ambassador(
 ) -> Res<(Running, Option<String>, Option<ExitStatus>)> {
     let mut cmd = Command::new(bin);
     cmd.arg("--mode").arg(cell.mode);
-    // Splice every connection (the default `adaptive` policy would leave
-    // these short checks in userspace): the matrix proves the kernel path.
-    cmd.args(["--splice", "always"]);
+    // `always` splices every connection (the default `adaptive` policy
+    // would leave these short checks in userspace): the matrix proves the
+    // kernel path; the adaptive cell promotes at the first quiet point.
+    cmd.args(["--splice", cell.splice]);
+    cmd.envs(cell.env.iter().copied());
     for (p, up) in forwards {
         cmd.arg("--forward").arg(format!("127.0.0.1:{p}={up}"));
     }

@@ -1,0 +1,152 @@
+//! Deterministic randomness: [`Rng`] (splitmix64) draws the script's
+//! decisions, [`ByteStream`] (xorshift64*) is the content of one direction of
+//! one connection. Both ends build the same generators from the connection's
+//! seed, so the receiver checks every byte as it arrives and nothing is ever
+//! buffered beyond one read.
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The splitmix64 finaliser: a good 64-bit mix of `z`.
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// splitmix64: the script's decisions (sizes, end, pauses).
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(mix(seed ^ 0x5EED_0F50_A4C0_FFEE))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(GOLDEN);
+        mix(self.0)
+    }
+
+    /// Uniform in `0..n` (`n > 0`; the modulo bias is irrelevant here).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `1/n`.
+    pub fn one_in(&mut self, n: u64) -> bool {
+        self.below(n) == 0
+    }
+}
+
+/// The bytes of one direction: xorshift64* words, little endian, in order.
+/// `pos` counts the bytes produced so far (the stream offset).
+pub struct ByteStream {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+    pub pos: u64,
+}
+
+impl ByteStream {
+    pub fn new(seed: u64) -> Self {
+        ByteStream {
+            state: mix(seed) | 1,
+            word: [0; 8],
+            used: 8,
+            pos: 0,
+        }
+    }
+
+    fn next_word(&mut self) -> [u8; 8] {
+        let x = &mut self.state;
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
+    }
+
+    /// The next `buf.len()` bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        self.pos += buf.len() as u64;
+        let take = (8 - self.used).min(buf.len());
+        buf[..take].copy_from_slice(&self.word[self.used..self.used + take]);
+        self.used += take;
+        let rest = &mut buf[take..];
+        let mut chunks = rest.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_word());
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            self.word = self.next_word();
+            tail.copy_from_slice(&self.word[..tail.len()]);
+            self.used = tail.len();
+        }
+    }
+}
+
+/// The checking end of a direction: compares what arrives with the stream.
+pub struct Checker {
+    expect: ByteStream,
+    scratch: Vec<u8>,
+}
+
+impl Checker {
+    pub fn new(seed: u64) -> Self {
+        Checker {
+            expect: ByteStream::new(seed),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Bytes verified so far (the offset of the next byte expected).
+    pub fn pos(&self) -> u64 {
+        self.expect.pos
+    }
+
+    /// Check `got` as the next bytes; Err carries the stream offset of the
+    /// first byte that differs.
+    pub fn check(&mut self, got: &[u8]) -> Result<(), u64> {
+        let start = self.expect.pos;
+        self.scratch.resize(got.len(), 0);
+        self.expect.fill(&mut self.scratch);
+        if self.scratch == got {
+            return Ok(());
+        }
+        let i = got
+            .iter()
+            .zip(&self.scratch)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        Err(start + i as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunking_does_not_change_the_stream() {
+        let mut whole = vec![0u8; 1000];
+        ByteStream::new(7).fill(&mut whole);
+        let mut s = ByteStream::new(7);
+        let mut parts = Vec::new();
+        for n in [1usize, 3, 8, 13, 0, 200, 7, 768] {
+            let mut b = vec![0u8; n];
+            s.fill(&mut b);
+            parts.extend(b);
+        }
+        assert_eq!(parts, whole);
+        let mut c = Checker::new(7);
+        assert_eq!(c.check(&whole[..10]), Ok(()));
+        let mut bad = whole[10..20].to_vec();
+        bad[4] ^= 1;
+        assert_eq!(c.check(&bad), Err(14));
+    }
+}

@@ -6,14 +6,16 @@
 //! Any problem is one [`ConfigError`] line naming the variable or flag; the
 //! binary prints it and exits with code 2.
 
+use crate::balance::{Balance, PoolConfig};
 use crate::config::env::{self, Skipped};
+use crate::config::file::{self, FileConfig, Globals};
 use crate::config::{Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
 use clap::Parser;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "ambassador",
     version,
@@ -62,6 +64,52 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_name = "DUR")]
     pub drain_timeout: String,
 
+    /// How a forward with several backends spreads clients over them.
+    #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
+    pub balance: Balance,
+
+    /// Passive health: consecutive connect failures that eject a backend.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub health_fails: u32,
+
+    /// How long an ejected backend takes no connections (doubled after each
+    /// failed trial).
+    #[arg(long, default_value = "10s", value_name = "DUR")]
+    pub health_backoff: String,
+
+    /// The longest ejection.
+    #[arg(long, default_value = "60s", value_name = "DUR")]
+    pub health_backoff_max: String,
+
+    /// Active TCP health checks: connect to every backend this often (off by default).
+    #[arg(long, value_name = "DUR")]
+    pub health_interval: Option<String>,
+
+    /// Active checks: consecutive good checks that bring a down backend back.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub health_rise: u32,
+
+    /// Active checks: consecutive failed checks that take a backend down.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub health_fall: u32,
+
+    /// Serve /metrics (Prometheus), /healthz and /readyz on ADDR:PORT (off by default).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+
+    /// Allow --metrics on a non-loopback address.
+    #[arg(long)]
+    pub metrics_public: bool,
+
+    /// A TOML file with forwards and settings; flags and link variables add to it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<String>,
+
+    /// Which flags were given (command line or environment), filled by
+    /// [`Cli::mark_explicit`]: those win over the config file.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
+
     /// Log format (filter with RUST_LOG).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -93,12 +141,17 @@ impl Cli {
         &self,
         vars: impl IntoIterator<Item = (OsString, OsString)>,
     ) -> Result<(Settings, Vec<Skipped>), ConfigError> {
+        let file = self.config_file()?;
+        let pool = self.pool_config_over(file.as_ref())?;
         let mut forwards = Vec::new();
         let mut skipped = Vec::new();
         if !self.no_env {
             let scan = env::scan_os(vars).map_err(ConfigError)?;
             forwards.extend(scan.forwards);
             skipped = scan.skipped;
+            for f in &mut forwards {
+                f.pool = pool.clone();
+            }
         }
         for f in &self.forwards {
             let (listen, target) =
@@ -108,6 +161,7 @@ impl Cli {
                 listen,
                 target,
                 proto: Proto::Tcp,
+                pool: pool.clone(),
             });
         }
         match self.positional.as_slice() {
@@ -123,8 +177,9 @@ impl Cli {
                 forwards.push(Forward {
                     source: format!("args {host} {port}"),
                     listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), target.port),
-                    target,
+                    target: target.into(),
                     proto: Proto::Tcp,
+                    pool: pool.clone(),
                 });
             }
             [one] => {
@@ -134,6 +189,12 @@ impl Cli {
             }
             _ => unreachable!("clap limits positional arguments to 2"),
         }
+        if let Some(file) = &file {
+            forwards.extend(file.forwards.iter().map(|ff| Forward {
+                pool: ff.pool.apply(&pool),
+                ..ff.forward.clone()
+            }));
+        }
         if forwards.is_empty() {
             let mut msg = format!(
                 "no forwards configured: looked for {}, --forward flags and HOST PORT arguments",
@@ -142,6 +203,9 @@ impl Cli {
             if self.no_env {
                 msg.push_str(" (environment ignored: --no-env)");
             }
+            if let Some(path) = &self.config {
+                msg.push_str(&format!(" (--config {path} has no [[forward]])"));
+            }
             if !skipped.is_empty() {
                 let names: Vec<&str> = skipped.iter().map(|s| s.var.as_str()).collect();
                 msg.push_str(&format!("; skipped {}", names.join(", ")));
@@ -149,7 +213,7 @@ impl Cli {
             return Err(ConfigError(msg));
         }
         check_overlaps(&forwards)?;
-        let settings = Settings {
+        let mut settings = Settings {
             forwards,
             mode: self.mode,
             splice: self.splice,
@@ -164,7 +228,159 @@ impl Cli {
             // 0: on SIGTERM, reset every live connection at once.
             drain_timeout: flag_duration("--drain-timeout", &self.drain_timeout, true)?,
         };
+        if let Some(file) = &file {
+            self.apply_file_globals(&mut settings, &file.globals);
+        }
         Ok((settings, skipped))
+    }
+}
+
+impl Cli {
+    /// `--metrics` (loopback only unless `--metrics-public`).
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        crate::http::metrics_addr(self.metrics.as_deref(), self.metrics_public).map_err(ConfigError)
+    }
+
+    /// Remember which flags were given, so that they win over `--config`.
+    pub fn mark_explicit(&mut self, m: &clap::ArgMatches) {
+        use clap::parser::ValueSource;
+        self.explicit = m
+            .ids()
+            .filter(|id| {
+                matches!(
+                    m.value_source(id.as_str()),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .map(|id| id.to_string())
+            .collect();
+    }
+
+    fn given(&self, id: &str) -> bool {
+        self.explicit.iter().any(|e| e == id)
+    }
+
+    /// Read `--config`, if given.
+    pub fn config_file(&self) -> Result<Option<FileConfig>, ConfigError> {
+        self.config
+            .as_deref()
+            .map(file::load)
+            .transpose()
+            .map_err(ConfigError)
+    }
+
+    /// The file's global settings, where no flag was given.
+    fn apply_file_globals(&self, s: &mut Settings, g: &Globals) {
+        if let Some(v) = g.mode
+            && !self.given("mode")
+        {
+            s.mode = v;
+        }
+        if let Some(v) = g.splice
+            && !self.given("splice")
+        {
+            s.splice = v;
+        }
+        if let Some(v) = g.nodelay
+            && !self.given("no_nodelay")
+        {
+            s.nodelay = v;
+        }
+        if let Some(v) = g.connect_timeout
+            && !self.given("connect_timeout")
+        {
+            s.connect_timeout = v;
+        }
+        if let Some(v) = g.idle_timeout
+            && !self.given("idle_timeout")
+        {
+            s.idle_timeout = Some(v);
+        }
+        if let Some(v) = g.max_conns
+            && !self.given("max_conns")
+        {
+            s.max_conns = v;
+        }
+        if let Some(v) = g.drain_timeout
+            && !self.given("drain_timeout")
+        {
+            s.drain_timeout = v;
+        }
+    }
+
+    /// The flags' pool settings over the file's global ones (a flag given
+    /// explicitly wins), checked.
+    fn pool_config_over(&self, file: Option<&FileConfig>) -> Result<PoolConfig, ConfigError> {
+        let mut p = self.pool_config()?;
+        if let Some(f) = file {
+            let g = &f.globals.pool;
+            let pick = |id: &str, v: bool| v && !self.given(id);
+            if pick("balance", g.balance.is_some()) {
+                p.balance = g.balance.unwrap();
+            }
+            if pick("health_fails", g.fails.is_some()) {
+                p.fails = g.fails.unwrap();
+            }
+            if pick("health_backoff", g.backoff.is_some()) {
+                p.backoff = g.backoff.unwrap();
+            }
+            if pick("health_backoff_max", g.backoff_max.is_some()) {
+                p.backoff_max = g.backoff_max.unwrap();
+            }
+            if pick("health_interval", g.interval.is_some()) {
+                p.interval = g.interval;
+            }
+            if pick("health_rise", g.rise.is_some()) {
+                p.rise = g.rise.unwrap();
+            }
+            if pick("health_fall", g.fall.is_some()) {
+                p.fall = g.fall.unwrap();
+            }
+            if p.backoff_max < p.backoff {
+                return Err(ConfigError(format!(
+                    "--config {}: health backoff_max {:?} is shorter than backoff {:?}",
+                    self.config.as_deref().unwrap_or(""),
+                    p.backoff_max,
+                    p.backoff
+                )));
+            }
+        }
+        Ok(p)
+    }
+
+    /// `--balance` and the passive-health flags, as every flag-configured
+    /// forward's [`PoolConfig`].
+    pub fn pool_config(&self) -> Result<PoolConfig, ConfigError> {
+        if self.health_fails == 0 {
+            return Err(ConfigError("--health-fails: must be at least 1".into()));
+        }
+        let backoff = flag_duration("--health-backoff", &self.health_backoff, false)?;
+        let backoff_max = flag_duration("--health-backoff-max", &self.health_backoff_max, false)?;
+        if backoff_max < backoff {
+            return Err(ConfigError(format!(
+                "--health-backoff-max: {backoff_max:?} is shorter than --health-backoff {backoff:?}"
+            )));
+        }
+        let interval = self
+            .health_interval
+            .as_deref()
+            .map(|v| flag_duration("--health-interval", v, false))
+            .transpose()?;
+        if self.health_rise == 0 {
+            return Err(ConfigError("--health-rise: must be at least 1".into()));
+        }
+        if self.health_fall == 0 {
+            return Err(ConfigError("--health-fall: must be at least 1".into()));
+        }
+        Ok(PoolConfig {
+            balance: self.balance,
+            fails: self.health_fails,
+            backoff,
+            backoff_max,
+            interval,
+            rise: self.health_rise,
+            fall: self.health_fall,
+        })
     }
 }
 
@@ -190,6 +406,22 @@ fn check_overlaps(forwards: &[Forward]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// The settings line `--check` prints after the table when `--config` is
+/// given (what the file and the flags combine to).
+pub fn settings_line(s: &Settings) -> String {
+    format!(
+        "settings: mode={} connect_timeout={:?} idle_timeout={} max_conns={} drain_timeout={:?} nodelay={}\n",
+        s.mode,
+        s.connect_timeout,
+        s.idle_timeout
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_else(|| "none".into()),
+        s.max_conns,
+        s.drain_timeout,
+        s.nodelay
+    )
 }
 
 /// The table `--check` prints.
@@ -227,6 +459,22 @@ pub fn table(settings: &Settings, skipped: &[Skipped]) -> String {
             .trim_end(),
         );
         out.push('\n');
+    }
+    for f in settings.forwards.iter().filter(|f| f.target.len() > 1) {
+        let p = &f.pool;
+        out.push_str(&format!(
+            "backends {}: {} over {}; ejected after {} connect failures for {:?} (doubling up to {:?}){}\n",
+            f.source,
+            p.balance,
+            f.target.len(),
+            p.fails,
+            p.backoff,
+            p.backoff_max,
+            match p.interval {
+                Some(i) => format!("; checked every {i:?} (rise {}, fall {})", p.rise, p.fall),
+                None => String::new(),
+            }
+        ));
     }
     for s in skipped {
         out.push_str(&format!("skipped {}: {}\n", s.var, s.why));

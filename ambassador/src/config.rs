@@ -7,10 +7,11 @@
 //! per-connection knobs shared by every engine.
 //!
 //! Parsing lives apart from these types: `config/env.rs` reads Docker link
-//! variables, `config/parse.rs` reads flag values, and `cli.rs` ties them to
-//! the command line.
+//! variables, `config/parse.rs` reads flag values, `config/file.rs` reads
+//! `--config` TOML files, and `cli.rs` ties them to the command line.
 
 pub mod env;
+pub mod file;
 pub mod parse;
 
 use std::fmt;
@@ -55,14 +56,55 @@ impl fmt::Display for Proto {
     }
 }
 
-/// One listener and its target.
+/// The backends of a forward: one or more targets, in the order written
+/// (`db1:6379,db2:6379`). Never empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backends(pub Vec<Target>);
+
+impl Backends {
+    pub fn iter(&self) -> std::slice::Iter<'_, Target> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Target> for Backends {
+    fn from(t: Target) -> Self {
+        Backends(vec![t])
+    }
+}
+
+/// `db1:6379,db2:6379`, the way it is written on the command line.
+impl fmt::Display for Backends {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, t) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{t}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One listener and its backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Forward {
     /// What configured it: `DB_PORT_6379_TCP`, `--forward 7000=db:6379`, `HOST PORT`.
     pub source: String,
     pub listen: SocketAddr,
-    pub target: Target,
+    /// Where it connects: one or more backends (see [`crate::balance`]).
+    pub target: Backends,
     pub proto: Proto,
+    /// How the backends share clients and when one is ejected.
+    pub pool: crate::balance::PoolConfig,
 }
 
 /// Which data path moves the bytes. See `engine.rs`.

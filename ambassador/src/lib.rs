@@ -10,19 +10,28 @@
 //!   variables, `config::parse` reads flag values.
 //! - [`cli`]: the command line and how it becomes [`config::Settings`].
 //! - [`server`]: listeners, accept loops, connecting upstream, signals, drain.
+//! - [`reload`]: SIGHUP / config-file reload (the diff is pure and tested).
 //! - [`engine`]: the contract every engine implements and the start-up choice;
 //!   one module per engine (`engine::sockmap`, `engine::uring`, `engine::epoll`).
 //! - [`bpf`]: loading the eBPF program and talking to its maps.
-//! - [`metrics`]: per-forward counters.
+//! - [`metrics`]: per-forward counters; [`exporter`] renders them for
+//!   Prometheus and [`http`] serves `/metrics`, `/healthz`, `/readyz`.
 //! - [`caps`]: dropping capabilities after start-up.
+//! - [`balance`]: choosing a backend and passive health (decisions only);
+//!   [`upstream`] does the connecting for it.
 //! - [`loops`]: refusing forwards that point at the ambassador itself, at
 //!   start-up and at run time.
 
+pub mod balance;
 pub mod bpf;
 pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod exporter;
+pub mod http;
 pub mod loops;
 pub mod metrics;
+pub mod reload;
 pub mod server;
+pub mod upstream;

@@ -48,8 +48,9 @@ const RESOLVE_BUDGET: Duration = Duration::from_secs(1);
 pub fn check_startup(forwards: &[Forward]) -> Result<(), String> {
     let mut names: Vec<(String, u16)> = forwards
         .iter()
-        .filter_map(|f| match &f.target.host {
-            Host::Name(n) if !is_localhost(n) => Some((n.clone(), f.target.port)),
+        .flat_map(|f| f.target.iter())
+        .filter_map(|t| match &t.host {
+            Host::Name(n) if !is_localhost(n) => Some((n.clone(), t.port)),
             _ => None,
         })
         .collect();
@@ -59,27 +60,30 @@ pub fn check_startup(forwards: &[Forward]) -> Result<(), String> {
     let interfaces = interface_addresses();
     let is_local = |ip: IpAddr| ip.is_loopback() || ip.is_unspecified() || interfaces.contains(&ip);
     for f in forwards {
-        let addrs = match &f.target.host {
-            Host::Ip(ip) => vec![SocketAddr::new(*ip, f.target.port)],
-            Host::Name(n) if is_localhost(n) => vec![
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), f.target.port),
-                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), f.target.port),
-            ],
-            Host::Name(n) => resolved
-                .get(&(n.clone(), f.target.port))
-                .cloned()
-                .unwrap_or_default(),
-        };
-        if let Some(hit) = loops_to_itself(f.listen, &addrs, is_local) {
-            let via = match &f.target.host {
-                Host::Name(_) => format!(" (resolves to {})", hit.ip()),
-                Host::Ip(_) => String::new(),
+        // Every backend of the forward is checked.
+        for t in f.target.iter() {
+            let addrs = match &t.host {
+                Host::Ip(ip) => vec![SocketAddr::new(*ip, t.port)],
+                Host::Name(n) if is_localhost(n) => vec![
+                    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), t.port),
+                    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), t.port),
+                ],
+                Host::Name(n) => resolved
+                    .get(&(n.clone(), t.port))
+                    .cloned()
+                    .unwrap_or_default(),
             };
-            return Err(format!(
-                "{}: the target {}{via} reaches this forward's own listener {}: \
-                 it would connect to itself in a loop",
-                f.source, f.target, f.listen
-            ));
+            if let Some(hit) = loops_to_itself(f.listen, &addrs, is_local) {
+                let via = match &t.host {
+                    Host::Name(_) => format!(" (resolves to {})", hit.ip()),
+                    Host::Ip(_) => String::new(),
+                };
+                return Err(format!(
+                    "{}: the target {t}{via} reaches this forward's own listener {}: \
+                     it would connect to itself in a loop",
+                    f.source, f.listen
+                ));
+            }
         }
     }
     Ok(())

@@ -8,14 +8,17 @@
 use ambassador::cli::Cli;
 use ambassador::config::LogFormat;
 use ambassador::{engine, server};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     ignore_sighup();
-    let cli = Cli::parse();
-    let (settings, skipped) = match cli.settings(std::env::vars_os()) {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.mark_explicit(&matches);
+    let vars: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os().collect();
+    let (settings, skipped) = match cli.settings(vars.clone()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ambassador: error: {e}");
@@ -26,8 +29,18 @@ fn main() -> ExitCode {
         eprintln!("ambassador: error: {e}");
         return ExitCode::from(2);
     }
+    let metrics = match cli.metrics_addr() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ambassador: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if cli.check {
         print!("{}", ambassador::cli::table(&settings, &skipped));
+        if cli.config.is_some() {
+            print!("{}", ambassador::cli::settings_line(&settings));
+        }
         return ExitCode::SUCCESS;
     }
     init_logging(cli.log_format);
@@ -50,7 +63,25 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match server::run(settings, engine, listeners) {
+    if let Some(addr) = metrics
+        && let Err(e) = ambassador::http::start(addr)
+    {
+        tracing::error!("{e}");
+        return ExitCode::from(1);
+    }
+    // SIGHUP and file changes build the configuration again the same way.
+    let reloader = {
+        let cli = cli.clone();
+        server::Reloader {
+            path: cli.config.clone(),
+            load: Box::new(move || {
+                let (s, _) = cli.settings(vars.clone()).map_err(|e| e.to_string())?;
+                ambassador::loops::check_startup(&s.forwards).map_err(|e| e.to_string())?;
+                Ok(s)
+            }),
+        }
+    };
+    match server::run_with(settings, engine, listeners, Some(reloader)) {
         Ok(server::Stop::Drained | server::Stop::TimedOut) => ExitCode::SUCCESS,
         Ok(server::Stop::Forced) => ExitCode::from(1),
         Err(e) => {

@@ -6,7 +6,7 @@
 //! from what userspace copied (`bytes_*`), which is the proof of splicing:
 //! for a spliced connection `bytes_*` stays at the pre-insert bytes only.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Counters of one forward. All monotonic except `conns_active`.
 #[derive(Debug, Default)]
@@ -53,6 +53,35 @@ impl ForwardStats {
             splice_fallbacks = g(&self.splice_fallbacks),
             "stats"
         );
+    }
+}
+
+/// Counters of one backend of a forward (see [`crate::upstream`]).
+#[derive(Debug)]
+pub struct BackendStats {
+    /// Connections made to this backend.
+    pub conns_total: AtomicU64,
+    pub conns_active: AtomicU64,
+    /// Connects that failed (refused, unreachable, timed out).
+    pub connect_errors: AtomicU64,
+    /// Passive health: false while the backend is ejected.
+    pub up: AtomicBool,
+}
+
+impl BackendStats {
+    pub fn new() -> Self {
+        BackendStats {
+            conns_total: AtomicU64::new(0),
+            conns_active: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            up: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Default for BackendStats {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -14,10 +14,11 @@
 //!    retry with a back-off);
 //! 3. accept; a client that is one of our own upstream sockets is a
 //!    forwarding loop and is reset at once (`loops.rs`);
-//! 4. connect to the target (a hostname is resolved again for every
-//!    connection) within `--connect-timeout`; if the upstream refuses or is
-//!    unreachable the client is closed at once and one warning names both
-//!    addresses;
+//! 4. connect to a backend (see [`crate::upstream`]: balancing, retrying
+//!    the next healthy backend, passive and active health; a hostname is
+//!    resolved again for every connection) within `--connect-timeout`; if
+//!    no backend answers the client is closed at once and one warning names
+//!    both addresses;
 //! 5. set TCP_NODELAY on both sockets and hand them to the engine.
 //!
 //! Signals ([`Signals`], installed before `ready` is logged):
@@ -27,15 +28,19 @@
 //!   SIGTERM/SIGINT during the drain aborts them at once and exits 1: the
 //!   streams were cut, which is not a clean exit.
 //! - SIGUSR1 logs the counters.
-//! - SIGHUP never kills the process (its default action would): there is
-//!   no configuration file to reload yet, so it logs that and carries on.
+//! - SIGHUP never kills the process (its default action would): it reloads
+//!   the `--config` file (as does a change of the file; see
+//!   [`crate::reload`]), or logs that there is nothing to reload.
 
 mod fds;
 
-use crate::config::{Forward, Host, Settings};
+use crate::config::{Host, Settings};
 use crate::engine::{Abort, Conn, Engine};
 use crate::loops::{Origin, OwnUpstreams, Registration};
 use crate::metrics::{ActiveGuard, ForwardStats};
+use crate::reload::Live;
+pub use crate::reload::Reloader;
+use crate::upstream::{AttemptError, Failure, Upstreams};
 use fds::{Backoff, FdBudget};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -109,7 +114,7 @@ pub fn bind_all(settings: &Settings) -> Result<Vec<std::net::TcpListener>, Start
         .collect()
 }
 
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
@@ -129,9 +134,20 @@ pub fn run(
     engine: Engine,
     listeners: Vec<std::net::TcpListener>,
 ) -> Result<Stop, StartError> {
+    run_with(settings, engine, listeners, None)
+}
+
+/// [`run`], with a way to reload the configuration on SIGHUP and when the
+/// config file changes (see [`crate::reload`]).
+pub fn run_with(
+    settings: Settings,
+    engine: Engine,
+    listeners: Vec<std::net::TcpListener>,
+    reloader: Option<Reloader>,
+) -> Result<Stop, StartError> {
     let settings = Rc::new(settings);
     let uring = matches!(engine, Engine::Uring);
-    let serve = serve(settings, Rc::new(engine), listeners);
+    let serve = serve(settings, Rc::new(engine), listeners, reloader);
     // When connections were cut, the runtime is not dropped: dropping it
     // would wait for (or cancel) every engine's pending operations, while
     // exiting lets the kernel close every socket at once, with the RST
@@ -195,8 +211,7 @@ impl Signals {
 }
 
 /// Everything the accept loops and connections of the process share.
-struct Shared {
-    settings: Rc<Settings>,
+pub(crate) struct Shared {
     engine: Rc<Engine>,
     ids: Cell<u64>,
     fds: Rc<FdBudget>,
@@ -228,55 +243,48 @@ async fn serve(
     settings: Rc<Settings>,
     engine: Rc<Engine>,
     listeners: Vec<std::net::TcpListener>,
+    reloader: Option<Reloader>,
 ) -> Result<Stop, StartError> {
-    let (stop_tx, stop_rx) = watch::channel(false);
     let abort_tx = Abort::install();
     let mut signals = Signals::install().map_err(StartError::Runtime)?;
     let shared = Rc::new(Shared {
-        settings: settings.clone(),
         engine: engine.clone(),
         ids: Cell::new(0),
         fds: FdBudget::new().map_err(StartError::Runtime)?,
         own: Rc::default(),
         live: RefCell::default(),
     });
-    let mut all_stats = AllStats(Vec::new());
+    // The running forwards; a reload adds, removes and changes them.
+    let mut live = Live::new(settings.clone(), shared.clone());
     for (forward, listener) in settings.forwards.iter().zip(listeners) {
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
-        let stats = Arc::new(ForwardStats::default());
-        all_stats.0.push((forward.source.clone(), stats.clone()));
-        tracing::info!(
-            forward = %forward.source,
-            listen = %forward.listen,
-            target = %forward.target,
-            "listening"
-        );
-        let fwd = Rc::new(Fwd {
-            forward: forward.clone(),
-            origin: Origin {
-                source: forward.source.as_str().into(),
-                stats,
-                episode: Rc::default(),
-            },
-        });
-        tokio::task::spawn_local(accept_loop(listener, fwd, shared.clone(), stop_rx.clone()));
+        live.start(forward.clone(), listener);
     }
+    let mut changes = reloader.as_ref().and_then(Reloader::watch);
     match crate::caps::drop_all() {
         Ok(crate::caps::Dropped(Some(held))) => tracing::info!(was = %held, "capabilities dropped"),
         Ok(crate::caps::Dropped(None)) => {}
         Err(e) => return Err(StartError::Caps(e)),
     }
+    crate::exporter::on_ready(engine.clone());
     tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
 
     loop {
-        match signals.next().await {
-            Asked::Stop => break,
-            Asked::Stats => all_stats.log(&engine),
-            Asked::Reload => reload(),
+        tokio::select! {
+            asked = signals.next() => match asked {
+                Asked::Stop => break,
+                Asked::Stats => AllStats(live.all_stats()).log(&engine),
+                Asked::Reload => live.reload(reloader.as_ref(), "SIGHUP"),
+            },
+            () = crate::reload::changed(&mut changes) => {
+                live.reload(reloader.as_ref(), "config file changed")
+            }
         }
     }
-    let _ = stop_tx.send(true);
-    let stop = drain(&settings, &engine, &all_stats, &mut signals).await;
+    live.stop_all();
+    crate::exporter::global().set_draining();
+    let all_stats = AllStats(live.all_stats());
+    let stop = drain(&live.settings(), &engine, &all_stats, &mut signals).await;
     if stop != Stop::Drained {
         shared.reset_all_live();
         let _ = abort_tx.send(true);
@@ -358,25 +366,33 @@ async fn drain(
     stop
 }
 
-/// SIGHUP: nothing to reload yet (no configuration file), but never exit.
+/// SIGHUP during the drain: the forwards are stopping, nothing to reload.
 fn reload() {
-    tracing::info!("reload requested: no config file, nothing to reload");
+    tracing::info!("reload requested while draining: ignored");
+}
+
+/// What an accept loop uses for each new connection: the forward's
+/// backends and the settings. A reload replaces it; connections already
+/// running keep what they started with.
+pub(crate) struct Current {
+    pub upstreams: Rc<Upstreams>,
+    pub settings: Rc<Settings>,
 }
 
 /// One forward, as its accept loop and connections see it.
-struct Fwd {
-    forward: Forward,
-    origin: Origin,
+pub(crate) struct Fwd {
+    pub origin: Origin,
+    pub current: RefCell<Current>,
 }
 
-async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: TcpListener,
     fwd: Rc<Fwd>,
     shared: Rc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = (shared.settings.max_conns > 0)
-        .then(|| Arc::new(Semaphore::new(shared.settings.max_conns)));
+    let max_conns = fwd.current.borrow().settings.max_conns;
+    let slots = (max_conns > 0).then(|| Arc::new(Semaphore::new(max_conns)));
     let source = fwd.origin.source.clone();
     let mut backoff = Backoff::new();
     loop {
@@ -410,10 +426,15 @@ async fn accept_loop(
         let id = shared.ids.get() + 1;
         shared.ids.set(id);
         let (fwd, shared) = (fwd.clone(), shared.clone());
+        let (upstreams, settings) = {
+            let c = fwd.current.borrow();
+            (c.upstreams.clone(), c.settings.clone())
+        };
         tokio::task::spawn_local(async move {
             let _permit = permit;
             let _active = ActiveGuard::new(&fwd.origin.stats);
-            handle(id, client, client_addr, &fwd, &shared, pending).await;
+            let conf = (&upstreams, settings);
+            handle(id, client, client_addr, &fwd, conf, &shared, pending).await;
         });
     }
     tracing::debug!(forward = %source, "stopped accepting");
@@ -489,28 +510,37 @@ async fn handle(
     client: std::net::TcpStream,
     client_addr: SocketAddr,
     fwd: &Fwd,
+    (upstreams, settings): (&Rc<Upstreams>, Rc<Settings>),
     shared: &Shared,
     pending: fds::Pending,
 ) {
-    let (target, source, stats) = (&fwd.forward.target, &fwd.origin.source, &fwd.origin.stats);
-    let settings = &shared.settings;
-    let attempt = tokio::time::timeout(
-        settings.connect_timeout,
-        connect(target, &shared.own, &fwd.origin, pending),
-    )
-    .await;
-    let (upstream, upstream_addr, registration) = match attempt {
-        Ok(Ok(s)) => s,
-        Ok(Err((e, looped))) => {
-            if !looped {
-                ForwardStats::add(&stats.errors, 1);
-                tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, error = %e, "upstream connect failed");
-            }
-            return;
+    let (source, stats) = (&fwd.origin.source, &fwd.origin.stats);
+    let settings = &settings;
+    // Pick a backend and connect (retrying the next healthy one); the lease
+    // counts this connection against its backend until it ends. The fd
+    // reservation goes to the first socket made.
+    let pending = Rc::new(RefCell::new(Some(pending)));
+    let attempt = |target: crate::config::Target| {
+        let (own, origin, pending) = (shared.own.clone(), fwd.origin.clone(), pending.clone());
+        async move {
+            connect(&target, &own, &origin, &pending)
+                .await
+                .map_err(|(e, looped)| match looped {
+                    true => AttemptError::Stop(e),
+                    false => AttemptError::Failed(e),
+                })
         }
-        Err(_) => {
+    };
+    let connected = upstreams
+        .connect_with(id, client_addr, settings.connect_timeout, attempt)
+        .await;
+    let ((upstream, upstream_addr, registration), _lease) = match connected {
+        Ok(c) => c,
+        // The attempt came back to us: already reported as a loop.
+        Err(Failure::Looped) => return,
+        Err(failure) => {
             ForwardStats::add(&stats.errors, 1);
-            tracing::warn!(id, forward = %source, client = %client_addr, upstream = %target, timeout = ?settings.connect_timeout, "upstream connect timed out");
+            failure.log(id, source, client_addr, upstreams);
             return;
         }
     };
@@ -573,7 +603,7 @@ async fn connect(
     target: &crate::config::Target,
     own: &Rc<OwnUpstreams>,
     origin: &Origin,
-    pending: fds::Pending,
+    pending: &RefCell<Option<fds::Pending>>,
 ) -> Result<(TcpStream, SocketAddr, Registration), (io::Error, bool)> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
@@ -585,10 +615,9 @@ async fn connect(
             })?
             .collect(),
     };
-    let mut pending = Some(pending);
     let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
     for addr in addrs {
-        match connect_one(addr, own, origin, &mut pending).await {
+        match connect_one(addr, own, origin, pending).await {
             Ok((s, reg)) => return Ok((s, addr, reg)),
             Err((e, true)) => return Err((e, true)),
             Err((e, false)) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
@@ -605,7 +634,7 @@ async fn connect_one(
     addr: SocketAddr,
     own: &Rc<OwnUpstreams>,
     origin: &Origin,
-    pending: &mut Option<fds::Pending>,
+    pending: &RefCell<Option<fds::Pending>>,
 ) -> Result<(TcpStream, Registration), (io::Error, bool)> {
     use socket2::{Domain, Socket, Type};
     let plain = |e: io::Error| (e, false);
@@ -615,7 +644,7 @@ async fn connect_one(
         None,
     )
     .map_err(plain)?;
-    pending.take();
+    pending.borrow_mut().take();
     match sock.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

@@ -113,8 +113,9 @@ pub fn scan(vars: impl IntoIterator<Item = (String, String)>) -> Result<Scan, St
         out.forwards.push(Forward {
             source: name,
             listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listen_port),
-            target,
+            target: target.into(),
             proto: Proto::Tcp,
+            pool: Default::default(),
         });
     }
     Ok(out)
@@ -156,7 +157,7 @@ mod tests {
     fn listen_port_comes_from_the_name() {
         let s = scan(vars(&[("REDIS_PORT_1234_TCP", "tcp://192.168.1.52:6379")])).unwrap();
         assert_eq!(s.forwards[0].listen.port(), 1234);
-        assert_eq!(s.forwards[0].target.port, 6379);
+        assert_eq!(s.forwards[0].target.0[0].port, 6379);
     }
 
     #[test]

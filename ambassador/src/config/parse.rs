@@ -5,7 +5,7 @@
 //! name of the variable or flag, so the user sees one line that says both
 //! *where* and *what*.
 
-use super::{Host, Target};
+use super::{Backends, Host, Target};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -77,10 +77,23 @@ pub fn target(s: &str) -> Result<Target, String> {
     Ok(Target { host, port })
 }
 
-/// `--forward [LISTEN_ADDR:]PORT=HOST:PORT` → (listen address, target).
-/// Without LISTEN_ADDR the forward listens on all IPv4 addresses, like the
-/// classic image.
-pub fn forward(s: &str) -> Result<(SocketAddr, Target), String> {
+/// `HOST:PORT[,HOST:PORT…]` → [`Backends`]: one or more targets, each listed once.
+pub fn backends(s: &str) -> Result<Backends, String> {
+    let mut out: Vec<Target> = Vec::new();
+    for part in s.split(',') {
+        let t = target(part.trim())?;
+        if out.contains(&t) {
+            return Err(format!("backend {t} is listed twice"));
+        }
+        out.push(t);
+    }
+    Ok(Backends(out))
+}
+
+/// `--forward [LISTEN_ADDR:]PORT=HOST:PORT[,HOST:PORT…]` → (listen address,
+/// backends). Without LISTEN_ADDR the forward listens on all IPv4
+/// addresses, like the classic image.
+pub fn forward(s: &str) -> Result<(SocketAddr, Backends), String> {
     let (listen, tgt) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected [LISTEN_ADDR:]PORT=HOST:PORT"))?;
@@ -93,7 +106,7 @@ pub fn forward(s: &str) -> Result<(SocketAddr, Target), String> {
     } else {
         SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port(listen)?)
     };
-    Ok((listen, target(tgt)?))
+    Ok((listen, backends(tgt)?))
 }
 
 /// The longest duration any flag accepts. Anything longer is a typo (and
@@ -150,6 +163,15 @@ mod tests {
         assert_eq!(l.to_string(), "[::1]:7000");
         assert!(forward("7000").is_err());
         assert!(forward("localhost:7000=db:1").is_err());
+        let (_, b) = forward("6379=db1:6379,db2:6379").unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.to_string(), "db1:6379,db2:6379");
+        assert!(forward("6379=db1:6379,").is_err());
+        assert!(
+            forward("6379=db1:6379,db1:6379")
+                .unwrap_err()
+                .contains("twice")
+        );
     }
 
     #[test]

@@ -1,0 +1,213 @@
+//! Several backends per forward, against real redis-servers: round robin
+//! spreads clients, a dead backend is skipped (retry, then ejection), and
+//! with every backend dead a client is closed at once with one warning.
+
+#[path = "support/redis.rs"]
+mod redis;
+mod support;
+
+use redis::{Redis, command, connect};
+use std::io::Read;
+use std::process::Command;
+use support::*;
+
+fn proxy(backends: &[&Redis], extra: &[&str]) -> Proxy {
+    proxy_on("epoll", backends, extra)
+}
+
+fn proxy_on(mode: &str, backends: &[&Redis], extra: &[&str]) -> Proxy {
+    let list: Vec<String> = backends.iter().map(|r| r.addr()).collect();
+    Proxy::forward(mode, &list.join(","), extra)
+}
+
+/// A client through the proxy that gets an answer from some redis.
+fn ping(p: &Proxy) -> std::net::TcpStream {
+    let mut c = connect(&p.addr());
+    assert_eq!(command(&mut c, &["PING"]), "+PONG");
+    c
+}
+
+#[test]
+fn round_robin_spreads_connections_over_both_redis() {
+    let (r1, r2) = (Redis::start(), Redis::start());
+    let p = proxy(&[&r1, &r2], &[]);
+    // Ten clients held open, one after the other: five on each backend.
+    let held: Vec<_> = (0..10).map(|_| ping(&p)).collect();
+    // connected_clients counts the INFO connection itself too.
+    assert_eq!(r1.info("clients", "connected_clients"), 6, "{}", p.log());
+    assert_eq!(r2.info("clients", "connected_clients"), 6, "{}", p.log());
+    drop(held);
+    let log = p.log();
+    let listening = log.lines().find(|l| l.contains("listening")).unwrap();
+    assert!(
+        listening.contains(&format!("target={},{}", r1.addr(), r2.addr())),
+        "{listening}"
+    );
+}
+
+#[test]
+fn least_conn_sends_new_clients_to_the_less_busy_redis() {
+    let (r1, r2) = (Redis::start(), Redis::start());
+    let p = proxy(&[&r1, &r2], &["--balance", "least-conn"]);
+    // Two clients: one each. Close the one on r1 (first in order), then
+    // three more clients: the first goes to idle r1, then they alternate.
+    let a = ping(&p);
+    let _b = ping(&p);
+    drop(a);
+    // Wait for the proxy to see the close (r1 back to only our INFO client).
+    let t = std::time::Instant::now();
+    while r1.info("clients", "connected_clients") != 1 {
+        assert!(t.elapsed().as_secs() < 10, "close reached r1");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(wait_until(10, || p
+        .log()
+        .matches("connection closed")
+        .count()
+        >= 1));
+    let _more: Vec<_> = (0..3).map(|_| ping(&p)).collect();
+    // r1: 2 of the 3 new ones; r2: the old one and 1 new one (+ INFO each).
+    assert_eq!(r1.info("clients", "connected_clients"), 3, "{}", p.log());
+    assert_eq!(r2.info("clients", "connected_clients"), 3, "{}", p.log());
+}
+
+fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed().as_secs() < secs {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_killed_redis_is_skipped_and_then_ejected() {
+    killed_redis("epoll")
+}
+
+/// The engines never see the choice: the same through io_uring and the
+/// in-kernel splice.
+#[test]
+fn a_killed_redis_is_skipped_and_then_ejected_uring() {
+    killed_redis("uring")
+}
+
+#[test]
+fn a_killed_redis_is_skipped_and_then_ejected_sockmap() {
+    killed_redis("sockmap")
+}
+
+fn killed_redis(mode: &str) {
+    let (mut r1, r2) = (Redis::start(), Redis::start());
+    let p = proxy_on(mode, &[&r1, &r2], &[]);
+    for _ in 0..4 {
+        ping(&p);
+    }
+    r1.kill();
+    // Every new client still gets an answer: a refused connect is retried
+    // on the other backend before any byte was sent.
+    let held: Vec<_> = (0..20).map(|_| ping(&p)).collect();
+    // The 20 held clients (and INFO's own), once the earlier short
+    // clients' closes have reached r2.
+    assert!(
+        wait_until(10, || r2.info("clients", "connected_clients") == 21),
+        "all 20 new clients on r2: {}",
+        p.log()
+    );
+    drop(held);
+    let log = p.log();
+    let down: Vec<&str> = log.lines().filter(|l| l.contains("backend down")).collect();
+    assert_eq!(down.len(), 1, "ejected once: {log}");
+    assert!(
+        down[0].contains(&format!("backend={}", r1.addr())),
+        "{}",
+        down[0]
+    );
+    assert!(down[0].contains("WARN"), "{}", down[0]);
+    // After the ejection the dead backend is not even tried: 3 failed
+    // connects (the threshold), not one per client.
+    let retries = log
+        .lines()
+        .filter(|l| l.contains("trying the next backend"))
+        .count();
+    assert_eq!(retries, 3, "{log}");
+    assert!(
+        !log.contains("upstream connect failed"),
+        "no client failed: {log}"
+    );
+}
+
+#[test]
+fn every_backend_dead_closes_the_client_at_once_with_one_warning() {
+    let (mut r1, mut r2) = (Redis::start(), Redis::start());
+    let p = proxy(&[&r1, &r2], &[]);
+    ping(&p);
+    r1.kill();
+    r2.kill();
+    // Before and after both are ejected (3 clients × 2 failed connects =
+    // 3 failures each): every client is closed, none is left hanging.
+    for _ in 0..5 {
+        let mut c = p.connect();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let me = format!("client={} ", c.local_addr().unwrap());
+        let mut b = [0u8; 1];
+        let r = c.read(&mut b);
+        assert!(
+            matches!(&r, Ok(0))
+                || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "closed, not hanging: {r:?}"
+        );
+        assert!(wait_until(5, || p.log().contains(&me)), "{}", p.log());
+        let log = p.log();
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&me) && l.contains("WARN"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "one warning per client: {log}");
+    }
+    let log = p.log();
+    assert_eq!(log.matches("backend down").count(), 2, "{log}");
+    assert!(log.contains("no healthy backend"), "{log}");
+}
+
+#[test]
+fn check_prints_every_backend_and_bad_lists_are_one_line() {
+    let out = Command::new(BIN)
+        .env_clear()
+        .args([
+            "--check",
+            "--forward",
+            "7000=db1:6379,db2:6379",
+            "--balance",
+            "least-conn",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("db1:6379,db2:6379"), "{text}");
+    assert!(text.contains("least-conn"), "{text}");
+    for (args, needle) in [
+        (
+            &["--forward", "7000=db1:6379,db1:6379"][..],
+            "--forward 7000=db1:6379,db1:6379: ",
+        ),
+        (
+            &["--forward", "7000=db1:6379,"][..],
+            "--forward 7000=db1:6379,: ",
+        ),
+        (
+            &["--forward", "7000=db:1", "--health-fails", "0"][..],
+            "--health-fails: ",
+        ),
+    ] {
+        let out = Command::new(BIN).env_clear().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+}

@@ -99,10 +99,12 @@ pub enum Outcome {
     /// everything read so far has been written, both directions are open.
     /// The sockets are back in `Conn`, ready to be spliced, with the bytes
     /// read from each (client→server, server→client) in this call, and
-    /// whether each direction's last read returned less than it asked for
-    /// (then the kernel's receive queue was empty at that read, so no skb
-    /// is partly read).
-    Paused(Conn, [u64; 2], bool),
+    /// per direction whether its last read in this call filled the buffer
+    /// (then an skb may be partly read; a read that returned less than it
+    /// asked for emptied the kernel's receive queue). A direction that did
+    /// not read in this call reports `false`: the caller keeps the flag of
+    /// its earlier calls.
+    Paused(Conn, [u64; 2], [bool; 2]),
 }
 
 /// What one direction's loop ended with.
@@ -181,14 +183,14 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         // A direction that reached EOF while the other paused cannot be
         // spliced (a socket that got FIN cannot enter a sockmap): finish
         // the other one here.
-        let quiet = !pause.full[0].get() && !pause.full[1].get();
+        let full = [pause.full[0].get(), pause.full[1].get()];
         let no_pause = Pause {
             promote: None,
             ..pause
         };
         match steps {
             (Step::Paused, Step::Paused) => {
-                return Ok(Some(quiet));
+                return Ok(Some(full));
             }
             (Step::Paused, Step::Eof) => {
                 copy(&client, &upstream, up, &read[0], &activity, &no_pause, 0).await?;
@@ -198,7 +200,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
             }
             (Step::Eof, Step::Eof) => {}
         }
-        Ok::<Option<bool>, io::Error>(None)
+        Ok::<Option<[bool; 2]>, io::Error>(None)
     };
     let result = tokio::select! {
         r = both => r,
@@ -214,7 +216,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         }
     };
     match result {
-        Ok(Some(quiet)) => Ok(Outcome::Paused(
+        Ok(Some(full)) => Ok(Outcome::Paused(
             Conn {
                 id,
                 forward,
@@ -226,7 +228,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
                 settings,
             },
             [read[0].get(), read[1].get()],
-            quiet,
+            full,
         )),
         Ok(None) => Ok(Outcome::Done),
         Err(e) => {

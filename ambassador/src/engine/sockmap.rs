@@ -254,16 +254,20 @@ pub async fn relay(sm: &Rc<Sockmap>, conn: Conn) -> io::Result<()> {
         // loop reports whether each direction's last read was short.
         SplicePolicy::Adaptive => {
             let (mut conn, mut read) = (conn, [0u64; 2]);
+            // Per direction: its last read (in any call) filled the buffer.
+            let mut full = [false; 2];
             loop {
                 match super::epoll::relay_until(conn, Some(sm.promote)).await? {
                     Outcome::Done => return Ok(()),
-                    Outcome::Paused(c, r, quiet) => {
+                    Outcome::Paused(c, r, f) => {
                         read = [read[0] + r[0], read[1] + r[1]];
-                        if quiet {
+                        let keep = |d: usize| if r[d] > 0 { f[d] } else { full[d] };
+                        full = [keep(0), keep(1)];
+                        if !full[0] && !full[1] {
                             break (c, read);
                         }
-                        // A direction's last read filled the buffer just
-                        // before the pause: not a safe point. Copy on.
+                        // A direction's last read filled the buffer: an skb
+                        // may be partly read. Not a safe point; copy on.
                         conn = c;
                     }
                 }

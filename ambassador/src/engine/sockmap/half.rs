@@ -272,11 +272,24 @@ impl Route {
         self.path
     }
 
-    /// Decide from both halves' counters. `force`: leave now anyway (a half
-    /// of the connection cannot be spliced).
-    pub fn decide(&self, halves: [&Observed; 2], force: bool) -> Move {
+    /// Decide from both halves' counters. `force`: leave as soon as it is
+    /// safe anyway (a half of the connection cannot be spliced). `settled`
+    /// per half: every byte TCP received went through the verdict (nothing
+    /// waits in the queue), or the half has no verdict at all.
+    ///
+    /// A connection leaves only when both halves are settled: then the
+    /// conservation check is exact at that moment (a byte the kernel
+    /// duplicated shows as `redirected > received`), whereas with bytes
+    /// queued a duplicate could hide behind them, and once the sockets are
+    /// plain again TCP would skip as many bytes as were duplicated
+    /// (`copied_seq` ran ahead by them): the counts would balance over a
+    /// corrupted stream.
+    pub fn decide(&self, halves: [&Observed; 2], settled: [bool; 2], force: bool) -> Move {
         match self.path {
-            Path::Spliced if force || halves.iter().any(|o| o.in_flight() > self.cap) => {
+            Path::Spliced
+                if (force || halves.iter().any(|o| o.in_flight() > self.cap))
+                    && settled.iter().all(|&s| s) =>
+            {
                 Move::LeaveVerdict
             }
             Path::Leaving if halves.iter().all(|o| Half::drained(o)) => Move::Unlink,
@@ -321,19 +334,27 @@ mod tests {
     fn a_half_past_the_cap_takes_the_connection_out_of_the_kernel() {
         let mut r = Route::spliced(CAP);
         let quiet = obs(10, 10, 10);
-        assert_eq!(r.decide([&obs(1500, 1500, 600), &quiet], false), Move::Stay);
         assert_eq!(
-            r.decide([&obs(1700, 1700, 600), &quiet], false),
+            r.decide([&obs(1500, 1500, 600), &quiet], [true, true], false),
+            Move::Stay
+        );
+        // Over the cap, but bytes wait in the queue: not yet.
+        assert_eq!(
+            r.decide([&obs(1700, 1700, 600), &quiet], [false, true], false),
+            Move::Stay
+        );
+        assert_eq!(
+            r.decide([&obs(1700, 1700, 600), &quiet], [true, true], false),
             Move::LeaveVerdict
         );
         r.left_verdict();
         // Not drained yet: nothing is copied.
         assert_eq!(
-            r.decide([&obs(1700, 1900, 1600), &quiet], false),
+            r.decide([&obs(1700, 1900, 1600), &quiet], [false, true], false),
             Move::Stay
         );
         assert_eq!(
-            r.decide([&obs(1700, 1900, 1700), &quiet], false),
+            r.decide([&obs(1700, 1900, 1700), &quiet], [false, true], false),
             Move::Unlink
         );
         r.unlinked([&obs(1700, 1900, 1700), &quiet]);
@@ -352,7 +373,7 @@ mod tests {
     fn a_forced_leave_ignores_the_cap() {
         let r = Route::spliced(CAP);
         assert_eq!(
-            r.decide([&obs(0, 0, 0), &obs(0, 0, 0)], true),
+            r.decide([&obs(0, 0, 0), &obs(0, 0, 0)], [true, true], true),
             Move::LeaveVerdict
         );
     }

@@ -118,7 +118,16 @@ impl Spliced<'_> {
             let hook = self
                 .leave_after
                 .is_some_and(|n| o[0].redirected + o[1].redirected >= n);
-            match self.route.decide([&o[0], &o[1]], force || hook) {
+            // Settled: the verdict has seen every byte TCP received (the FIN
+            // counts 1 once it arrived), or the half gets no verdict.
+            let settled = |d: usize| {
+                let fin = u64::from(self.halves[d].fin() != half::Fin::Open);
+                !self.in_verdict[d] || o[d].redirected + fin == o[d].received
+            };
+            match self
+                .route
+                .decide([&o[0], &o[1]], [settled(0), settled(1)], force || hook)
+            {
                 Move::LeaveVerdict => {
                     self.leave_verdict()?;
                     for (r, cookie) in redirected_at_leave.iter_mut().zip(self.cookies) {

@@ -578,17 +578,28 @@ pub fn kick_verdict(fd: &impl AsRawFd) -> io::Result<()> {
 
 /// Bytes this socket has put into its send queue so far, as
 /// `tcpi_bytes_acked + SIOCOUTQ` (= `write_seq - ISN`, plus 1 for the SYN on
-/// the connecting side: use deltas). Read in that order, the sum can only
-/// under-count, never over-count: a drain check based on it is safe.
+/// the connecting side: use deltas). The two come from two system calls; an
+/// ACK between them would make the sum under-count, so it is read until
+/// `tcpi_bytes_acked` is the same before and after `SIOCOUTQ` (both move
+/// together with `snd_una`): the result is exact.
 pub fn queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
-    let acked = tcp_info(fd)?.tcpi_bytes_acked;
-    let mut outq: libc::c_int = 0;
-    // Safety: SIOCOUTQ (= TIOCOUTQ) writes one int.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
+    let mut acked = tcp_info(fd)?.tcpi_bytes_acked;
+    for _ in 0..1000 {
+        let mut outq: libc::c_int = 0;
+        // Safety: SIOCOUTQ (= TIOCOUTQ) writes one int.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let again = tcp_info(fd)?.tcpi_bytes_acked;
+        if again == acked {
+            return Ok(acked + outq.max(0) as u64);
+        }
+        acked = again;
     }
-    Ok(acked + outq.max(0) as u64)
+    Err(io::Error::other(
+        "send queue kept moving while read (1000 tries)",
+    ))
 }
 
 /// Wait (at most 3 s) until `fd` reports `events` in `poll(2)`.

@@ -1179,16 +1179,25 @@ fn adaptive_half_close_after_promotion() {
 fn adaptive_reset_after_promotion() {
     let upstream = server(move |mut s| {
         ping_pong_server(&mut s);
+        // Reset only once the client has read every pong (its "done" byte),
+        // so the reset cannot discard a pong still on its way.
+        let mut done = [0u8; 1];
+        s.read_exact(&mut done).unwrap();
         set_linger0(&s);
     });
     let policy = SplicePolicy::Adaptive;
     let (end, r) = with_proxy_policy(policy, None, 8, None, upstream, move |addr| {
         let mut s = TcpStream::connect(addr).unwrap();
         ping_pong_client(&mut s);
+        s.write_all(b"d").unwrap();
         read_outcome(&mut s).map_err(|e| e.kind())
     });
     assert_eq!(end, Err(io::ErrorKind::ConnectionReset), "{r:?}");
     assert_eq!(r.spliced_to_client, 4, "pongs 4..8 were spliced: {r:?}");
+    assert_eq!(
+        r.spliced_to_upstream, 5,
+        "pings 4..8 and the done byte: {r:?}"
+    );
     assert_clean(&r);
 }
 

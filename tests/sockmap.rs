@@ -327,7 +327,6 @@ fn assert_clean(r: &Report) {
 /// account for every byte: redirected by the verdict, plus the few copied in
 /// userspace while the destination lagged (pass mode).
 #[test]
-#[ignore = "open bug (docs/sockmap.md, Still open): the leave path can silently lose or repeat a segment; run with --ignored"]
 fn bulk_1gib_both_directions_byte_exact() {
     let n: u64 = std::env::var("BULK_MIB")
         .map(|v| v.parse().unwrap())
@@ -430,7 +429,6 @@ fn half_close_from_server_under_load() {
 /// (without the cap the kernel queues without limit: 256 MiB in the notes).
 /// Then the reader catches up and every byte arrives in order.
 #[test]
-#[ignore = "open bug (docs/sockmap.md, Still open): the leave path can silently lose or repeat a segment; run with --ignored"]
 fn slow_reader_is_bounded_and_lossless() {
     const TOTAL: u64 = 192 * MIB;
     let go = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
@@ -1360,4 +1358,44 @@ fn binary_ipv6_and_mixed_families_are_spliced() {
             "{log}"
         );
     }
+}
+
+/// `bpf::consumed`, the exact check a connection passes when it leaves the
+/// kernel, reads a plain socket's read position: bytes read so far, not
+/// counting what waits, and not the FIN once it arrived.
+#[test]
+fn consumed_is_the_read_position_with_or_without_fin() {
+    use ambassador::bpf;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut r, _) = l.accept().unwrap();
+    let wait_inq = |r: &TcpStream, n: u64| {
+        let t = Instant::now();
+        while bpf::inq(r).unwrap() < n {
+            assert!(t.elapsed() < Duration::from_secs(5), "bytes never arrived");
+            thread::yield_now();
+        }
+    };
+    assert_eq!(bpf::consumed(&r).unwrap(), 0);
+    w.write_all(&[7u8; 1000]).unwrap();
+    wait_inq(&r, 1000);
+    assert_eq!(
+        bpf::consumed(&r).unwrap(),
+        0,
+        "waiting bytes are not consumed"
+    );
+    let mut buf = [0u8; 300];
+    r.read_exact(&mut buf).unwrap();
+    assert_eq!(bpf::consumed(&r).unwrap(), 300);
+    w.shutdown(Shutdown::Write).unwrap();
+    let t = Instant::now();
+    while bpf::bytes_received(&r).unwrap() < 1001 {
+        assert!(t.elapsed() < Duration::from_secs(5), "FIN never arrived");
+        thread::yield_now();
+    }
+    assert_eq!(bpf::consumed(&r).unwrap(), 300, "the FIN is not a byte");
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest.len(), 700);
+    assert_eq!(bpf::consumed(&r).unwrap(), 1000);
 }

@@ -8,7 +8,7 @@
 //!   two sockets, read the per-direction counters, set the budget, take a
 //!   pair out of the maps again.
 //! - A few raw socket helpers the engine needs ([`socket_cookie`],
-//!   [`kick_verdict`], [`bytes_received`], [`queued_total`], [`so_error`]).
+//!   [`kick_verdict`], [`pause_verdict`], [`poke_sender`], [`consumed`], [`bytes_received`], [`queued_total`], [`so_error`]).
 //!
 //! Unsafe code here is limited to `getsockopt`/`ioctl`/`recv`/`setsockopt`
 //! calls on fds we borrow; each site says why it is sound. The layout of the
@@ -559,14 +559,51 @@ pub fn inq(fd: &impl AsRawFd) -> io::Result<u64> {
 /// leaves the maps. When it returns, a verdict that was running in softirq
 /// for this socket has finished too.
 pub fn kick_verdict(fd: &impl AsRawFd) -> io::Result<()> {
-    let one: libc::c_int = 1;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+}
+
+/// Hold the verdict back before a socket leaves `VERDICT`. Taking a socket
+/// out of a sockmap is not serialised with its receive path: the kernel
+/// clears the psock's verdict program (`sk_psock_stop_verdict`) while a
+/// `data_ready` on another CPU may be between unlinking an skb from the
+/// receive queue and reading that program, and an skb that finds no
+/// program is dropped, its bytes consumed (`sk_psock_verdict_recv`,
+/// `__SK_DROP`). `SO_RCVLOWAT` at its maximum (the kernel caps it at half
+/// of `tcp_rmem[2]`) makes `tcp_data_ready()` skip `data_ready` until that
+/// much is queued, and the setsockopt takes the socket lock, so a verdict
+/// already running has finished when it returns. Bytes arriving from then
+/// on wait in the plain receive queue. (A window that is about to close
+/// still wakes `data_ready`; [`consumed`] tells afterwards, exactly,
+/// whether any skb went missing.) Undo with [`kick_verdict`] (value 1).
+pub fn pause_verdict(fd: &impl AsRawFd) -> io::Result<()> {
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, libc::c_int::MAX)
+}
+
+/// Make a psock retry sending what it holds for this socket. Its worker
+/// gives up with `EAGAIN` when the socket is not writable
+/// (`sk_psock_handle_skb`: `!sock_writeable()`, without calling
+/// `sendmsg`, so TCP is not asked to report space later) and runs again
+/// only on the next redirect or `write_space` callback: once the source
+/// stops (the connection leaves `VERDICT`, or waits for an answer) the
+/// bytes can stay queued for good. Setting `TCP_NOTSENT_LOWAT` calls
+/// `sk_write_space()`; 0 restores the default, so nothing else changes.
+pub fn poke_sender(fd: &impl AsRawFd) -> io::Result<()> {
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, 0)
+}
+
+fn set_int(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // Safety: live fd, a valid int option value.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const one).cast(),
+            level,
+            name,
+            (&raw const v).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -574,6 +611,42 @@ pub fn kick_verdict(fd: &impl AsRawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Bytes consumed from this socket's receive stream since it was created
+/// (`copied_seq`, less the FIN): `tcpi_bytes_received` − `SIOCINQ` − 1 once
+/// a FIN arrived. Consumed means read by userspace or taken by a verdict,
+/// so after a connection left the maps, `consumed` = read before the
+/// insert + redirected, exactly, or an skb was lost. Only meaningful on a
+/// socket in no sockmap (a psock answers `SIOCINQ` itself). The three
+/// values come from separate calls, so they are read until `bytes_received`
+/// and the FIN are the same before and after `SIOCINQ` (nothing reads the
+/// socket meanwhile, so `copied_seq` stands still).
+pub fn consumed(fd: &impl AsRawFd) -> io::Result<u64> {
+    let fin = |fd: &dyn AsRawFd| {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // Safety: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n == 1 && p.revents & libc::POLLRDHUP != 0
+    };
+    for _ in 0..1000 {
+        let f1 = fin(fd);
+        let r1 = bytes_received(fd)?;
+        let q = inq(fd)?;
+        let r2 = bytes_received(fd)?;
+        let f2 = fin(fd);
+        if r1 == r2 && f1 == f2 {
+            return Ok(r1.saturating_sub(q + u64::from(f1)));
+        }
+        std::thread::yield_now();
+    }
+    Err(io::Error::other(
+        "receive queue kept moving while read (1000 tries)",
+    ))
 }
 
 /// Bytes this socket has put into its send queue so far, as

@@ -45,6 +45,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "docker.io",
     "qemu-system-x86",
     "busybox-static",
+    // promtool, which checks the /metrics exposition format.
+    "prometheus",
 ];
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {

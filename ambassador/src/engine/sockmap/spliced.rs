@@ -86,6 +86,7 @@ impl Spliced<'_> {
         let force = !self.in_verdict.iter().all(|&v| v);
         let mut redirected_at_leave = [0u64; 2];
         let mut last = [0u64; 2];
+        let mut last_taken = [0u64; 2];
         let mut tick = TICK_FAST;
         loop {
             let ev = [
@@ -114,6 +115,13 @@ impl Spliced<'_> {
                     self.activity.touch();
                     busy = true;
                 }
+                // Bytes wait in the psock but the destination took none
+                // since the last tick: the psock worker may have given up
+                // on a full send buffer (see `bpf::poke_sender`).
+                if o[d].in_flight() > 0 && o[d].dst_taken == last_taken[d] {
+                    bpf::poke_sender(self.socks[1 - d])?;
+                }
+                last_taken[d] = o[d].dst_taken;
             }
             let hook = self
                 .leave_after
@@ -144,10 +152,13 @@ impl Spliced<'_> {
                     for (d, od) in o.iter().enumerate() {
                         half::check(od).map_err(|e| End::Integrity(d, e))?;
                     }
-                    let mut s = self.sm.splicer.borrow_mut();
-                    s.unlink(self.cookies[0])?;
-                    s.unlink(self.cookies[1])?;
+                    {
+                        let mut s = self.sm.splicer.borrow_mut();
+                        s.unlink(self.cookies[0])?;
+                        s.unlink(self.cookies[1])?;
+                    }
                     self.route.unlinked([&o[0], &o[1]]);
+                    self.check_left(&redirected_at_leave, &o)?;
                     return Ok(Outcome::Left);
                 }
                 Move::Stay => {}
@@ -224,10 +235,46 @@ impl Spliced<'_> {
         Ok(plan.busy)
     }
 
+    /// After both sockets left the maps: restore `SO_RCVLOWAT` for the copy
+    /// loop, then check each source's books exactly. Every byte consumed
+    /// from it (its `copied_seq`) was read by userspace before the insert
+    /// or redirected by the program; more means the kernel consumed an skb
+    /// without the program (the race `bpf::pause_verdict` narrows), and the
+    /// copy loop would carry on a stream with a hole.
+    fn check_left(&self, redirected: &[u64; 2], o: &[Observed; 2]) -> Result<(), End> {
+        for s in self.socks {
+            bpf::kick_verdict(s)?;
+        }
+        for d in 0..2 {
+            let consumed = bpf::consumed(self.socks[d])?.saturating_sub(self.base[d].pre_read);
+            if consumed != redirected[d] {
+                return Err(End::Integrity(
+                    d,
+                    Integrity {
+                        what: "bytes consumed from the source were not all redirected \
+                               (an skb was lost leaving the kernel; received shows consumed)",
+                        observed: Observed {
+                            received: consumed,
+                            ..o[d]
+                        },
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Take both sockets out of `VERDICT` (no verdict runs for them any
     /// more), then take each socket's lock once: a verdict that was still
     /// running in softirq on another CPU has finished when it returns.
     fn leave_verdict(&mut self) -> io::Result<()> {
+        // Hold the verdicts back first: removing a socket from a sockmap
+        // while a verdict runs for it can drop an skb (`bpf::pause_verdict`).
+        for d in 0..2 {
+            if self.in_verdict[d] {
+                bpf::pause_verdict(self.socks[d])?;
+            }
+        }
         for d in 0..2 {
             if self.in_verdict[d] {
                 self.sm.splicer.borrow_mut().leave(self.cookies[d])?;

@@ -1399,3 +1399,70 @@ fn consumed_is_the_read_position_with_or_without_fin() {
     assert_eq!(rest.len(), 700);
     assert_eq!(bpf::consumed(&r).unwrap(), 1000);
 }
+
+/// The copy loop of `--splice adaptive` (found by the soak): the upstream
+/// half-closes, then the client's next small read asks for a promotion.
+/// A connection with one direction at EOF cannot be spliced, so the loop
+/// must finish the open direction itself; it used to carry the pending
+/// pause request into that last copy, which then stopped at once and the
+/// connection was closed with the client's stream cut short.
+#[test]
+fn adaptive_copy_loop_finishes_after_a_half_close_and_a_pause_request() {
+    use ambassador::engine::epoll::{Outcome, Promote, relay_until};
+    const N: u64 = 4 * MIB;
+    let got = Arc::new(AtomicU64::new(u64::MAX));
+    let got2 = got.clone();
+    let upstream = server(move |mut s| {
+        s.shutdown(Shutdown::Write).unwrap();
+        got2.store(recv_stream(&mut s, 31).unwrap_or(0), Relaxed);
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        // Wait for the upstream's FIN to come through first.
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0);
+        // With `turns: 0` the proxy's first read of it asks for a pause.
+        send_stream(&mut s, 31, N).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    });
+    let (c, caddr) = listener.accept().unwrap();
+    let up = TcpStream::connect(upstream).unwrap();
+    c.set_nonblocking(true).unwrap();
+    up.set_nonblocking(true).unwrap();
+    let conn = Conn {
+        id: 1,
+        forward: "test".into(),
+        client: c,
+        upstream: up,
+        client_addr: caddr,
+        upstream_addr: upstream,
+        stats: Arc::new(ForwardStats::default()),
+        settings: Rc::new(settings(None)),
+    };
+    // Promote at the first quiet point: every read asks for a pause.
+    let promote = Promote {
+        turns: 0,
+        small: 32 * 1024,
+    };
+    let out = rt.block_on(async { relay_until(conn, Some(promote)).await.unwrap() });
+    assert!(
+        matches!(out, Outcome::Done),
+        "a half-closed connection cannot pause for a promotion"
+    );
+    client.join().unwrap();
+    let t = Instant::now();
+    while got.load(Relaxed) == u64::MAX && t.elapsed() < Duration::from_secs(10) {
+        thread::yield_now();
+    }
+    assert_eq!(
+        got.load(Relaxed),
+        N,
+        "the upstream got the client's whole stream"
+    );
+}

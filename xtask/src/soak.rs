@@ -458,10 +458,16 @@ fn client_loop(ctx: &Ctx, thread_no: u64) {
 
 fn client_conn(ctx: &Ctx, seed: u64) {
     let sc = Script::new(seed);
+    let mut port = 0;
     let r = TcpStream::connect_timeout(&ctx.proxy, Duration::from_secs(10))
         .and_then(|s| conn::tune(&s).map(|()| s))
         .map_err(|e| Fail::Error(format!("connect to the proxy: {e}")))
-        .and_then(|s| conn::client(&s, &sc, &ctx.tally.moved));
+        .and_then(|s| {
+            // The proxy logs this port as the connection's `client=`.
+            port = s.local_addr().map_or(0, |a| a.port());
+            conn::client(&s, &sc, &ctx.tally.moved)
+        });
+    let r = r.map_err(|f| f.with_port(port));
     ctx.tally.record(ctx.plan.cfg, seed, true, r);
 }
 

@@ -184,8 +184,11 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         // spliced (a socket that got FIN cannot enter a sockmap): finish
         // the other one here.
         let full = [pause.full[0].get(), pause.full[1].get()];
+        // No promotion from here on, and no pending request either: the
+        // other direction must run to its EOF.
         let no_pause = Pause {
             promote: None,
+            requested: Cell::new(false),
             ..pause
         };
         match steps {

@@ -57,6 +57,23 @@ pub enum Fail {
     Error(String),
 }
 
+impl Fail {
+    /// Name the client's local port (the proxy logs it as `client=`), so a
+    /// failure can be found in the proxy's log.
+    pub fn with_port(self, port: u16) -> Fail {
+        match self {
+            Fail::Truncated { dir, at, want, how } => Fail::Truncated {
+                dir,
+                at,
+                want,
+                how: format!("{how} (client port {port})"),
+            },
+            Fail::Error(e) => Fail::Error(format!("{e} (client port {port})")),
+            w => w,
+        }
+    }
+}
+
 impl fmt::Display for Fail {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -112,7 +112,11 @@ impl Proxy {
             .arg("--forward")
             .arg(format!("127.0.0.1:{port}={upstream}"))
             .args(["--no-env", "--drain-timeout", "20s", "--log-format", "text"])
-            .env("RUST_LOG", "info")
+            // AMBASSADOR_SOAK_RUST_LOG=debug for a replay's full story.
+            .env(
+                "RUST_LOG",
+                std::env::var("AMBASSADOR_SOAK_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -203,7 +207,14 @@ impl Drop for Proxy {
 
 fn read_log(stderr: std::process::ChildStderr, log: &Mutex<Log>, ready: mpsc::Sender<()>) {
     let mut ready = Some(ready);
+    // AMBASSADOR_SOAK_PROXY_LOG=FILE keeps every line of the proxy's log.
+    let mut keep =
+        std::env::var_os("AMBASSADOR_SOAK_PROXY_LOG").and_then(|p| std::fs::File::create(p).ok());
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if let Some(f) = keep.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{line}");
+        }
         if line.contains(" ready ") || line.ends_with(" ready") {
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());

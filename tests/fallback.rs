@@ -39,8 +39,8 @@ fn ping(p: &Proxy) {
     assert_eq!(&b, b"ping");
 }
 
-/// With every privilege sockmap starts, but `auto` does not choose it (it
-/// can still corrupt a stream on this kernel) and says so; uring is next.
+/// With every privilege sockmap starts, but `auto` does not choose it yet
+/// (its fixes are soaked on one kernel only) and says so; uring is next.
 #[test]
 fn auto_probes_sockmap_but_does_not_choose_it() {
     let p = start("auto", false, false).expect("starts");

@@ -144,9 +144,9 @@ impl Engine {
 }
 
 /// Why `--mode auto` does not pick a sockmap engine that started.
-pub const AUTO_SKIPS_SOCKMAP: &str = "works here, but not chosen by auto: verdict-only splicing can \
-     still corrupt a stream under bidirectional bulk on this kernel (docs/sockmap.md); \
-     use --mode sockmap to opt in";
+pub const AUTO_SKIPS_SOCKMAP: &str = "works here, but not chosen by auto yet: the fixes for the \
+     segments the kernel path lost or repeated are soaked on 6.18 only, not yet on every supported \
+     kernel (docs/sockmap.md); use --mode sockmap to opt in";
 
 /// The engine for `settings.mode`. `auto` tries sockmap, uring, epoll in that
 /// order and logs why each skipped engine could not start; an explicit mode
@@ -155,10 +155,9 @@ pub fn select(settings: &Settings) -> Result<Engine, String> {
     let mode = settings.mode;
     let try_sockmap = || sockmap::Sockmap::start(settings).map(|s| Engine::Sockmap(Rc::new(s)));
     // `auto` probes sockmap (so a host that cannot run it is told exactly
-    // why) but does not choose it: on current kernels verdict-only
-    // splicing can still duplicate or lose a segment while both directions
-    // are spliced (docs/sockmap.md, "Still open"), and correctness comes
-    // before speed. `--mode sockmap` opts in explicitly.
+    // why) but does not choose it yet: the leave-path fixes (docs/sockmap.md,
+    // "Lost segments and stalls") are soaked on 6.18 only, and correctness
+    // comes before speed. `--mode sockmap` opts in explicitly.
     let auto_sockmap = || try_sockmap().and_then(|_| Err(AUTO_SKIPS_SOCKMAP.to_string()));
     let try_uring = || uring::probe().map(|()| Engine::Uring);
     let engine = match mode {

@@ -120,19 +120,12 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     .map_err(|e| format!("{s}: {e}"))
 }
 
-/// What CI runs: one minute over the userspace engines, then one minute
-/// with the hog. The sockmap configs are not in it: they still fail (lost
-/// or duplicated segments, stalls; docs/sockmap.md, "Still open"), which is
-/// why `auto` does not choose that engine. `cargo xtask soak` runs them.
+/// What CI runs: one minute over every engine and splice policy, then one
+/// minute with the hog (longer runs: `cargo xtask soak --minutes N`).
 pub fn ci() -> Result<()> {
-    let userspace = || vec![Config::Uring, Config::Epoll];
-    run(Args {
-        configs: userspace(),
-        ..Args::default()
-    })?;
+    run(Args::default())?;
     run(Args {
         hog: true,
-        configs: userspace(),
         ..Args::default()
     })
 }

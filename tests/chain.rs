@@ -21,13 +21,13 @@ mod support_docker;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use support_docker::netns::TwoHosts;
+use support_docker::postgres::{Postgres, TempDir, pg_tool, pgbench};
 use support_docker::{
     Daemon, ambassador_bin, apt_install, chosen_engine, field, ok, poll, random_bytes, random_text,
-    run,
 };
 
 const REDIS_A: u16 = 16379;
@@ -72,11 +72,11 @@ fn chain(engine1: &str, engine2: &str) {
     ]);
     let lab = TwoHosts::new();
     let (h1, h2, a2) = (lab.host1.as_str(), lab.host2.as_str(), lab.addr2);
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("amb-chain-");
     let _redis_a = redis_server(h2, a2, REDIS_A, &tmp.0);
-    let _pg = postgres(h2, a2, &tmp.0);
+    let _pg = Postgres::start(Some(h2), a2, PG, Some("10.200.1.0/24"));
     ok(
-        pg_tool(h1, "pgbench", &a2.to_string(), PG).args(["-i", "-q", "-s", "1"]),
+        pg_tool(Some(h1), "pgbench", &a2.to_string(), PG).args(["-i", "-q", "-s", "1"]),
         None,
         CLIENT,
     );
@@ -236,84 +236,6 @@ fn redis_server(ns: &str, addr: Ipv4Addr, port: u16, dir: &Path) -> Daemon {
     d
 }
 
-/// A throwaway PostgreSQL cluster (initdb as user postgres into `dir`) listening on `addr:PG`,
-/// trusting the two hosts' subnet.
-fn postgres(ns: &str, addr: Ipv4Addr, dir: &Path) -> Daemon {
-    let data = dir.join("pgdata");
-    let as_postgres = |prog: PathBuf| {
-        let mut c = TwoHosts::cmd(ns, "setpriv");
-        c.args(["--reuid=postgres", "--regid=postgres", "--clear-groups"])
-            .arg(prog)
-            .current_dir(dir);
-        c
-    };
-    ok(
-        as_postgres(pg_bin("initdb"))
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-                "-D",
-            ])
-            .arg(&data),
-        None,
-        CLIENT,
-    );
-    let mut hba = std::fs::OpenOptions::new()
-        .append(true)
-        .open(data.join("pg_hba.conf"))
-        .unwrap();
-    writeln!(hba, "host all all 10.200.1.0/24 trust").unwrap();
-    let mut pg = as_postgres(pg_bin("postgres"));
-    pg.arg("-D").arg(&data).arg("-k").arg(dir);
-    pg.args([
-        "-p",
-        &PG.to_string(),
-        "-c",
-        &format!("listen_addresses={addr}"),
-    ]);
-    // Durability is not what is measured here.
-    pg.args([
-        "-c",
-        "fsync=off",
-        "-c",
-        "synchronous_commit=off",
-        "-c",
-        "full_page_writes=off",
-    ]);
-    let mut d = Daemon::spawn("postgres", &mut pg);
-    // Fast shutdown: roll back and stop backends, then the postmaster.
-    d.stop_signal = libc::SIGINT;
-    d.wait_for("ready to accept connections", START);
-    d
-}
-
-/// The newest installed PostgreSQL's `prog` (/usr/lib/postgresql/<major>/bin/<prog>).
-fn pg_bin(prog: &str) -> PathBuf {
-    let mut majors: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("postgresql not installed")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    majors.sort();
-    let major = majors
-        .last()
-        .expect("no PostgreSQL version under /usr/lib/postgresql");
-    PathBuf::from(format!("/usr/lib/postgresql/{major}/bin/{prog}"))
-}
-
-fn pg_tool(ns: &str, prog: &str, host: &str, port: u16) -> Command {
-    let mut c = TwoHosts::cmd(ns, pg_bin(prog));
-    c.args(["-h", host, "-p", &port.to_string(), "-U", "postgres"])
-        .env("PGCONNECT_TIMEOUT", "5")
-        .env("PGDATABASE", "postgres");
-    c
-}
-
 fn redis_cli(ns: &str, host: &str, port: u16) -> Command {
     let mut c = TwoHosts::cmd(ns, "redis-cli");
     c.args(["-h", host, "-p", &port.to_string()]);
@@ -341,7 +263,7 @@ fn redis_round_trip(ns: &str, host: &str, port: u16, key: &str, seed: u64) {
 fn pg_round_trip(ns: &str, host: &str, port: u16, table: &str, seed: u64) {
     let value = random_text(1 << 20, seed);
     let psql = |sql: &str, stdin: Option<&[u8]>| {
-        let mut c = pg_tool(ns, "psql", host, port);
+        let mut c = pg_tool(Some(ns), "psql", host, port);
         c.args([
             "-X",
             "-q",
@@ -417,27 +339,12 @@ fn bench(ns: &str, host: &str, redis_port: u16, pg_port: u16) -> Numbers {
         n.set_rps > 0.0 && n.get_rps > 0.0,
         "redis-benchmark output without SET/GET:\n{rb}"
     );
-    let pb = run(
-        pg_tool(ns, "pgbench", host, pg_port)
-            .args(["-n", "-c", "4", "-j", "2", "-t", PG_TX, "postgres"]),
-        None,
-        CLIENT,
+    n.tps = pgbench(
+        Some(ns),
+        host,
+        pg_port,
+        &["-c", "4", "-j", "2", "-t", PG_TX],
     );
-    let out = pb.stdout_str();
-    assert!(pb.status.success(), "pgbench failed:\n{out}\n{}", pb.stderr);
-    // "number of transactions actually processed: 1000/1000": every transaction completed.
-    let processed = out
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "));
-    let (done, asked) = processed
-        .and_then(|p| p.split_once('/'))
-        .unwrap_or_else(|| panic!("{out}"));
-    assert_eq!(done, asked.trim(), "pgbench lost transactions:\n{out}");
-    n.tps = out
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l["tps = ".len()..].split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no tps in pgbench output:\n{out}"));
     n
 }
 
@@ -464,29 +371,4 @@ fn record(engine1: &str, engine2: &str, direct: &Numbers, through: &Numbers) {
 
 fn os(b: &[u8]) -> &std::ffi::OsStr {
     std::os::unix::ffi::OsStrExt::from_bytes(b)
-}
-
-/// A directory for the databases' files, owned by postgres (initdb refuses root), removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let d = std::env::temp_dir().join(support_docker::unique("amb-chain-"));
-        std::fs::create_dir_all(&d).unwrap();
-        let id = |flag: &str| -> u32 {
-            ok(Command::new("id").args([flag, "postgres"]), None, CLIENT)
-                .stdout_str()
-                .trim()
-                .parse()
-                .unwrap()
-        };
-        std::os::unix::fs::chown(&d, Some(id("-u")), Some(id("-g"))).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -13,8 +13,8 @@ use std::net::TcpStream;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::time::{Duration, Instant};
-use support::{BIN, Proxy, echo_server, free_port};
+use std::time::Duration;
+use support::{BIN, Proxy, echo_server, free_port, wait_until};
 
 /// Run the binary to completion: (exit code, stderr).
 fn run(cmd: &mut Command) -> (Option<i32>, String) {
@@ -53,18 +53,6 @@ fn read_to_end(c: &mut TcpStream) -> io::Result<Vec<u8>> {
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut v = Vec::new();
     c.read_to_end(&mut v).map(|_| v)
-}
-
-/// Wait (bounded) for `cond`.
-fn wait_for(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }
 
 /// The engines to run a per-engine test on: epoll and uring always (they
@@ -174,7 +162,7 @@ fn loop_between_two_forwards(mode: &str) {
     round_trip(&mut s, b"normal forward");
     drop(s);
     assert!(
-        wait_for(10, || p.fd_count() <= base_fds + 2),
+        wait_until(10, || p.fd_count() <= base_fds + 2),
         "descriptors left open: {} (from {base_fds})",
         p.fd_count()
     );
@@ -192,7 +180,7 @@ fn loop_between_two_forwards(mode: &str) {
     );
     p.signal(libc::SIGUSR1);
     assert!(p.wait_log(&format!("forward=--forward {fc} "), 10));
-    assert!(wait_for(10, || p
+    assert!(wait_until(10, || p
         .stat_for(&format!("--forward {fc}"), "errors")
         .is_some()));
     assert_eq!(
@@ -442,7 +430,7 @@ fn out_of_descriptors_stops_accepting_and_resumes() {
     assert!(p.wait_log("out of file descriptors", 20), "{}", p.log());
     p.signal(libc::SIGUSR1);
     assert!(
-        wait_for(10, || p.stat("conns_total").is_some()),
+        wait_until(10, || p.stat("conns_total").is_some()),
         "{}",
         p.log()
     );

@@ -8,19 +8,7 @@ mod redis;
 mod support;
 
 use redis::{Redis, command, connect};
-use std::time::{Duration, Instant};
 use support::*;
-
-fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
 
 fn ping(p: &Proxy) -> std::net::TcpStream {
     let mut c = connect(&p.addr());

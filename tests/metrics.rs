@@ -8,7 +8,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
 
 /// `GET path` over a fresh connection: (status, body).
@@ -79,17 +79,6 @@ fn scrape(port: u16) -> (String, Scraped) {
         text.clone(),
         Scraped(prometheus_parse::Scrape::parse(lines).unwrap()),
     )
-}
-
-fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! Live reload (SIGHUP and config-file changes) against real redis-servers:
-//! forwards added, changed and removed while redis-benchmark runs through
-//! one of them with no error; a removed forward stops accepting while its
+//! Live reload (SIGHUP and config-file changes) against real redis-servers
+//! and PostgreSQL: forwards added, changed and removed while redis-benchmark
+//! and pgbench run through them with no error, per engine; a removed forward stops accepting while its
 //! connection keeps working; a config that fails to parse or to bind is
 //! rejected whole and the old one keeps serving; without a config file
 //! SIGHUP only logs.
@@ -8,12 +8,13 @@
 #[path = "support/redis.rs"]
 mod redis;
 mod support;
+mod support_docker;
 
 use redis::{Redis, command, connect};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
 use support::*;
+use support_docker::postgres::{Postgres, pg_tool, pgbench, psql};
 
 struct ConfigFile {
     path: String,
@@ -48,9 +49,17 @@ fn forward(listen: u16, backends: &[&Redis]) -> String {
 }
 
 fn start(cfg: &ConfigFile, port: u16) -> Proxy {
+    start_on("epoll", cfg, port)
+}
+
+/// The proxy on `mode` (`sockmap`: every connection spliced in the kernel).
+fn start_on(mode: &str, cfg: &ConfigFile, port: u16) -> Proxy {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
-        .args(["--mode", "epoll", "--config", &cfg.path]);
+        .args(["--mode", mode, "--config", &cfg.path]);
+    if mode == "sockmap" {
+        cmd.args(["--splice", "always"]);
+    }
     Proxy::spawn(cmd, port).expect("ambassador ready")
 }
 
@@ -60,57 +69,75 @@ fn ping(port: u16) -> TcpStream {
     c
 }
 
-fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 /// Wait for the `n`-th occurrence of `needle` in the log.
 fn wait_count(p: &Proxy, needle: &str, n: usize) -> bool {
     wait_until(15, || p.log().matches(needle).count() >= n)
 }
 
+/// Per engine: the reloads below happen while redis-benchmark and pgbench
+/// run through the proxy. pgbench keeps its 4 connections for the whole run,
+/// so they are established connections across every reload — spliced in the
+/// kernel with `sockmap` (`--splice always`).
 #[test]
-fn reload_while_redis_benchmark_runs_loses_nothing() {
-    let (r1, r2) = (Redis::start(), Redis::start());
-    let (a, b) = (free_port(), free_port());
-    let cfg = ConfigFile::new("bench");
-    cfg.write(&forward(a, &[&r1]));
-    let p = start(&cfg, a);
+fn reload_under_load_loses_nothing_epoll() {
+    reload_under_load("epoll")
+}
 
-    let bench = std::thread::spawn(move || {
+#[test]
+fn reload_under_load_loses_nothing_uring() {
+    reload_under_load("uring")
+}
+
+#[test]
+fn reload_under_load_loses_nothing_sockmap() {
+    reload_under_load("sockmap")
+}
+
+/// redis-benchmark on forward A, pgbench on forward P; meanwhile: by a file
+/// change A gets a second backend, P changes its balancing and forward B is
+/// added; by SIGHUP B is removed while a client of B is still connected.
+/// Nothing fails, no transaction is lost, and pgbench's own connections
+/// carried transactions after the last reload.
+fn reload_under_load(mode: &str) {
+    let (r1, r2) = (Redis::start(), Redis::start());
+    let pg = Postgres::start(None, Ipv4Addr::LOCALHOST, free_port(), None);
+    let pg_addr = format!("127.0.0.1:{}", pg.port);
+    pgbench_init(&pg_addr);
+    let (a, b, pp) = (free_port(), free_port(), free_port());
+    let pg_forward = |extra: &str| {
+        format!(
+            "[[forward]]\nname = \"pg\"\nlisten = \"127.0.0.1:{pp}\"\nbackends = [\"{pg_addr}\"]\n{extra}"
+        )
+    };
+    let cfg = ConfigFile::new(&format!("load-{mode}"));
+    cfg.write(&format!("{}{}", forward(a, &[&r1]), pg_forward("")));
+    let p = start_on(mode, &cfg, a);
+
+    let redis_bench = std::thread::spawn(move || {
         Command::new("redis-benchmark")
-            .args([
-                "-p",
-                &a.to_string(),
-                "-n",
-                "60000",
-                "-c",
-                "10",
-                "-q",
-                "-t",
-                "set,get,incr",
-            ])
+            .args(["-p", &a.to_string(), "-n", "60000", "-c", "10", "-q"])
+            .args(["-t", "set,get,incr"])
             .output()
             .expect("redis-benchmark")
     });
-    // Wait until the benchmark's clients are through the forward.
+    // 4 clients × 1500 transactions: several seconds, far longer than the
+    // reloads (the test checks that it really overlapped them).
+    let pg_bench = std::thread::spawn(move || {
+        pgbench(None, "127.0.0.1", pp, &["-c", "4", "-j", "2", "-t", "1500"])
+    });
+    // Wait until both benchmarks' clients are through the forwards.
     assert!(
-        wait_until(15, || r1.info("clients", "connected_clients") > 5),
+        wait_until(30, || r1.info("clients", "connected_clients") > 5),
         "{}",
         p.log()
     );
+    assert!(wait_until(30, || pg_clients(&pg_addr) == 4), "{}", p.log());
 
-    // 1. By a file change: forward A gets a second backend, forward B is added.
+    // 1. By a file change.
     cfg.write(&format!(
-        "{}{}",
+        "{}{}{}",
         forward(a, &[&r1, &r2]),
+        pg_forward("balance = \"least-conn\"\n"),
         forward(b, &[&r2])
     ));
     assert!(wait_count(&p, "reloaded", 1), "{}", p.log());
@@ -126,7 +153,11 @@ fn reload_while_redis_benchmark_runs_loses_nothing() {
 
     // 2. By SIGHUP: forward B removed. Its listener closes; its live
     // connection keeps working until it ends.
-    cfg.write(&forward(a, &[&r1, &r2]));
+    cfg.write(&format!(
+        "{}{}",
+        forward(a, &[&r1, &r2]),
+        pg_forward("balance = \"least-conn\"\n")
+    ));
     // The watcher may reload first; SIGHUP reloads (again) in any case.
     p.signal(libc::SIGHUP);
     assert!(
@@ -138,8 +169,9 @@ fn reload_while_redis_benchmark_runs_loses_nothing() {
     assert_eq!(command(&mut held_b, &["PING"]), "+PONG");
     assert!(p.log().contains("trigger=SIGHUP"), "{}", p.log());
     assert!(p.log().contains("forward removed"), "{}", p.log());
+    let tx_at_reload = history_rows(&pg_addr);
 
-    let out = bench.join().unwrap();
+    let out = redis_bench.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}{err}");
@@ -148,11 +180,73 @@ fn reload_while_redis_benchmark_runs_loses_nothing() {
     for op in ["SET: ", "GET: ", "INCR: "] {
         assert!(text.lines().any(|l| l.starts_with(op)), "{op} in {text}");
     }
+    // pgbench checks itself that all 6000 transactions completed.
+    let tps = pg_bench.join().unwrap();
+    let tx_total = history_rows(&pg_addr);
+    assert_eq!(tx_total, 6000, "{}", p.log());
+    assert!(
+        tx_at_reload < tx_total,
+        "pgbench ended before the reloads ({tx_at_reload} of {tx_total} transactions), so they \
+         were not tested under load"
+    );
+    eprintln!(
+        "{mode}: pgbench {tps:.0} tps, {tx_at_reload}/{tx_total} transactions before the last reload"
+    );
     drop((held_a, held_b));
+    if mode == "sockmap" {
+        // The kernel really carried pgbench's connections across the reloads.
+        p.signal(libc::SIGUSR1);
+        let source = format!("{}[pg]", cfg.path);
+        let want = format!("forward={source} ");
+        assert!(
+            wait_until(10, || p
+                .log()
+                .lines()
+                .any(|l| l.contains(" stats ") && l.contains(&want))),
+            "{}",
+            p.log()
+        );
+        let spliced = p.stat_for(&source, "spliced_to_upstream");
+        assert!(spliced.unwrap_or(0) > 0, "{}", p.log());
+    }
     let log = p.log();
     assert!(!log.contains("upstream connect failed"), "{log}");
     assert!(!log.contains("connection error"), "{log}");
+    assert!(!log.contains("integrity check failed"), "{log}");
+    assert!(!log.contains(" WARN "), "{log}");
     assert!(!log.contains("reload rejected"), "{log}");
+}
+
+/// `pgbench -i` directly against the database: fresh tables, empty history.
+fn pgbench_init(pg_addr: &str) {
+    let (host, port) = pg_addr.split_once(':').unwrap();
+    let mut init = pg_tool(None, "pgbench", host, port.parse().unwrap());
+    let out = init.args(["-i", "-q", "-s", "1"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn pg_sql(pg_addr: &str, sql: &str) -> u64 {
+    let (host, port) = pg_addr.split_once(':').unwrap();
+    psql(None, host, port.parse().unwrap(), sql)
+        .parse()
+        .unwrap()
+}
+
+/// pgbench's sessions on the server (they came through the proxy).
+fn pg_clients(pg_addr: &str) -> u64 {
+    pg_sql(
+        pg_addr,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbench'",
+    )
+}
+
+/// Committed pgbench transactions so far (one history row each).
+fn history_rows(pg_addr: &str) -> u64 {
+    pg_sql(pg_addr, "SELECT count(*) FROM pgbench_history")
 }
 
 #[test]

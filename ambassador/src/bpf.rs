@@ -508,6 +508,13 @@ pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(c)
 }
 
+/// Is the socket still ESTABLISHED? A socket whose peer already sent FIN
+/// (CLOSE_WAIT) cannot be inserted into a sockmap (EOPNOTSUPP).
+pub fn established(fd: &impl AsRawFd) -> bool {
+    // TCP_ESTABLISHED is 1 (include/net/tcp_states.h); libc has no name for it.
+    tcp_info(fd).is_ok_and(|ti| ti.tcpi_state == 1)
+}
+
 /// `TCP_INFO` of a socket.
 fn tcp_info(fd: &impl AsRawFd) -> io::Result<libc::tcp_info> {
     // Safety: a zeroed `tcp_info` is a valid value; the kernel writes at

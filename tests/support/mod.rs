@@ -118,14 +118,7 @@ impl Proxy {
 
     /// Wait for the log to contain `needle` (up to `secs`).
     pub fn wait_log(&self, needle: &str, secs: u64) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(secs) {
-            if self.log().contains(needle) {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        false
+        wait_until(secs, || self.log().contains(needle))
     }
 
     /// How many times `needle` occurs in the log.
@@ -425,4 +418,17 @@ pub fn restrict(cmd: &mut Command, drop_caps: bool, deny_io_uring: bool) {
             Ok(())
         });
     }
+}
+
+/// Poll `cond` every 20 ms for up to `secs` seconds (and once more at the
+/// end): whether it became true. Every wait in the tests is one of these.
+pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    cond()
 }

@@ -92,27 +92,48 @@ pub fn connect(addr: &str) -> TcpStream {
 }
 
 /// Send one command as RESP; return the reply (simple string, error,
-/// integer or bulk string) as text.
+/// integer or bulk string) as text. Panics on an I/O error.
 pub fn command(c: &mut TcpStream, args: &[&str]) -> String {
+    try_command(c, args).unwrap()
+}
+
+/// [`command`], with I/O errors returned; a closed connection is an
+/// `UnexpectedEof` error.
+pub fn try_command(c: &mut TcpStream, args: &[&str]) -> std::io::Result<String> {
     let mut req = format!("*{}\r\n", args.len());
     for a in args {
         req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
     }
-    c.write_all(req.as_bytes()).unwrap();
+    c.write_all(req.as_bytes())?;
     let mut r = BufReader::new(c);
     let mut line = String::new();
-    r.read_line(&mut line).unwrap();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     match line.as_bytes().first() {
         Some(b'$') => {
             let n: i64 = line[1..].trim().parse().unwrap();
             if n < 0 {
-                return String::new();
+                return Ok(String::new());
             }
             let mut buf = vec![0u8; n as usize + 2];
-            r.read_exact(&mut buf).unwrap();
+            r.read_exact(&mut buf)?;
             buf.truncate(n as usize);
-            String::from_utf8(buf).unwrap()
+            Ok(String::from_utf8(buf).unwrap())
         }
-        _ => line.trim_end().to_string(),
+        _ => Ok(line.trim_end().to_string()),
     }
+}
+
+/// The port of the redis-server at the other end of `c` (through any
+/// proxies): which backend a client reached.
+pub fn server_port(c: &mut TcpStream) -> u16 {
+    let reply = command(c, &["INFO", "server"]);
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix("tcp_port:"))
+        .unwrap_or_else(|| panic!("tcp_port in {reply}"))
+        .trim()
+        .parse()
+        .unwrap()
 }

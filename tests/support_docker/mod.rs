@@ -20,6 +20,7 @@
 
 pub mod docker;
 pub mod netns;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;

@@ -336,7 +336,13 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
     let upstream_userspace = match inserted {
         Err(e) => {
             ForwardStats::add(&conn.stats.splice_fallbacks, 1);
-            tracing::warn!(id = conn.id, forward = %conn.forward, reason = %e, "cannot splice, copying this connection in userspace");
+            if bpf::established(&conn.client) && bpf::established(&conn.upstream) {
+                tracing::warn!(id = conn.id, forward = %conn.forward, reason = %e, "cannot splice, copying this connection in userspace");
+            } else {
+                // A client that connects and hangs up at once (a port
+                // probe, a health check) is not worth a warning.
+                tracing::debug!(id = conn.id, forward = %conn.forward, reason = %e, "a side closed before the splice, copying in userspace");
+            }
             drop(_forget);
             drop(_unwatch);
             return super::epoll::relay(conn).await;

@@ -9,7 +9,8 @@
 use crate::balance::{Balance, PoolConfig};
 use crate::config::env::{self, Skipped};
 use crate::config::file::{self, FileConfig, Globals};
-use crate::config::{Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
+use crate::config::{Backends, Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
+use crate::discovery::Discovery;
 use clap::Parser;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -24,7 +25,8 @@ use std::time::Duration;
                   (listens on 6379, the port in the variable's name, and forwards to 10.0.0.2:6379)"
 )]
 pub struct Cli {
-    /// Forward: [LISTEN_ADDR:]PORT=HOST:PORT (repeatable). IPv6 in brackets.
+    /// Forward: [LISTEN_ADDR:]PORT=HOST:PORT[,HOST:PORT…] or
+    /// [LISTEN_ADDR:]PORT=etcd://HOST:PORT/SERVICE (repeatable). IPv6 in brackets.
     #[arg(long = "forward", short = 'f', value_name = "[ADDR:]PORT=HOST:PORT")]
     pub forwards: Vec<String>,
 
@@ -154,15 +156,7 @@ impl Cli {
             }
         }
         for f in &self.forwards {
-            let (listen, target) =
-                parse::forward(f).map_err(|e| ConfigError(format!("--forward {f}: {e}")))?;
-            forwards.push(Forward {
-                source: format!("--forward {f}"),
-                listen,
-                target,
-                proto: Proto::Tcp,
-                pool: pool.clone(),
-            });
+            forwards.push(forward_flag(f, &pool)?);
         }
         match self.positional.as_slice() {
             [] => {}
@@ -180,6 +174,7 @@ impl Cli {
                     target: target.into(),
                     proto: Proto::Tcp,
                     pool: pool.clone(),
+                    discovery: None,
                 });
             }
             [one] => {
@@ -384,6 +379,34 @@ impl Cli {
     }
 }
 
+/// One `--forward` flag: `LISTEN=HOST:PORT[,…]` or `LISTEN=etcd://…/SERVICE`.
+fn forward_flag(f: &str, pool: &PoolConfig) -> Result<Forward, ConfigError> {
+    let (l, t) = parse::split_forward(f).map_err(|e| ConfigError(format!("--forward {f}: {e}")))?;
+    let (listen, target, discovery) = if Discovery::is_url(t) {
+        // The message names the listen side only: the URL could hold a
+        // password (refused, and never repeated).
+        let err = |e: String| ConfigError(format!("--forward {l}=etcd://…: {e}"));
+        let d = Discovery::parse(t).map_err(err)?;
+        (
+            parse::listen(l).map_err(err)?,
+            Backends(Vec::new()),
+            Some(d),
+        )
+    } else {
+        let (listen, target) =
+            parse::forward(f).map_err(|e| ConfigError(format!("--forward {f}: {e}")))?;
+        (listen, target, None)
+    };
+    Ok(Forward {
+        source: format!("--forward {f}"),
+        listen,
+        target,
+        proto: Proto::Tcp,
+        pool: pool.clone(),
+        discovery,
+    })
+}
+
 /// Two forwards that would bind the same address: same port and same IP, or
 /// one of them on the wildcard address of the same family. (Classic socat
 /// failed to bind the second and ran half-configured; we refuse to start.)
@@ -436,7 +459,7 @@ pub fn table(settings: &Settings, skipped: &[Skipped]) -> String {
         rows.push([
             f.source.clone(),
             f.listen.to_string(),
-            f.target.to_string(),
+            f.target_display(),
             f.proto.to_string(),
         ]);
     }

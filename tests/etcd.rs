@@ -1,0 +1,228 @@
+//! Discovery with a real etcd: `ambassador register` keeps a key under a
+//! lease (revoked on SIGTERM, expired after the TTL on SIGKILL), and a
+//! forward `etcd://…/SERVICE` follows the registered backends live — new
+//! clients go to the new set, a held connection keeps its backend, an etcd
+//! that goes away leaves the last set serving and is followed again when it
+//! returns, a bad value is skipped with one warning, and an etcd that
+//! cannot be reached at start is one error line and exit code 2.
+
+#[path = "support/etcd.rs"]
+mod etcd;
+#[path = "support/redis.rs"]
+mod redis;
+mod support;
+
+use etcd::{Etcd, Registrar};
+use redis::{Redis, command, connect};
+use std::io::Read;
+use std::process::Command;
+use support::*;
+
+/// `ambassador --forward 127.0.0.1:PORT=<etcd url>` on epoll, ready.
+fn proxy(url: &str, extra: &[&str]) -> Proxy {
+    let port = free_port();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--mode", "epoll", "--forward"])
+        .arg(format!("127.0.0.1:{port}={url}"))
+        .args(extra)
+        .env_clear();
+    Proxy::spawn(cmd, port).expect("proxy did not become ready")
+}
+
+fn ping(p: &Proxy) -> std::net::TcpStream {
+    let mut c = connect(&p.addr());
+    assert_eq!(command(&mut c, &["PING"]), "+PONG", "{}", p.log());
+    c
+}
+
+/// Connections `r` accepted (the INFO connection itself included).
+fn accepted(r: &Redis) -> u64 {
+    r.info("stats", "total_connections_received")
+}
+
+#[test]
+fn register_puts_the_key_and_sigterm_removes_it() {
+    let etcd = Etcd::start();
+    let mut reg = Registrar::start(&etcd, "db", "127.0.0.1:6390", "10s");
+    reg.signal(libc::SIGTERM);
+    assert_eq!(reg.wait_exit(10), Some(0));
+    // Revoked before the exit: gone at once, not after the TTL.
+    assert_eq!(etcd.get(&reg.key), None);
+}
+
+#[test]
+fn a_killed_registrars_key_expires_after_the_ttl() {
+    let etcd = Etcd::start();
+    let mut reg = Registrar::start(&etcd, "db", "127.0.0.1:6391", "2s");
+    reg.signal(libc::SIGKILL);
+    assert_eq!(reg.wait_exit(10), None, "killed: no exit code");
+    assert!(
+        etcd.wait_key(&reg.key, 20, |v| v.is_none()),
+        "the key outlived its lease"
+    );
+}
+
+#[test]
+fn register_bad_flags_are_one_line_and_exit_2() {
+    for (args, flag) in [
+        (vec!["--service", "db", "--address", "h:1"], "--etcd"),
+        (vec!["--etcd", "h:1", "--address", "h:1"], "--service"),
+        (
+            vec!["--etcd", "h:1", "--service", "db", "--address", "h:0"],
+            "--address",
+        ),
+        (
+            vec![
+                "--etcd",
+                "h:1",
+                "--service",
+                "db",
+                "--address",
+                "h:1",
+                "--ttl",
+                "0",
+            ],
+            "--ttl",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .arg("register")
+            .args(&args)
+            .env_clear()
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_forward_follows_the_registered_backends() {
+    let etcd = Etcd::start();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    let mut reg1 = Registrar::start(&etcd, "db", &r1.addr(), "10s");
+    let p = proxy(&etcd.url("db"), &[]);
+    // Only r1 is registered: this connection is on r1, and stays there.
+    let mut held = ping(&p);
+
+    let _reg2 = Registrar::start(&etcd, "db", &r2.addr(), "10s");
+    assert!(p.wait_log("count=2", 10), "{}", p.log());
+    let before = accepted(&r2);
+    let clients: Vec<_> = (0..4).map(|_| ping(&p)).collect();
+    assert!(
+        accepted(&r2) > before + 1,
+        "round robin reaches the new backend"
+    );
+    drop(clients);
+
+    // r1 leaves: new clients go to r2 only; the held one keeps working.
+    reg1.signal(libc::SIGTERM);
+    assert_eq!(reg1.wait_exit(10), Some(0));
+    assert!(p.wait_log("count=1", 10), "{}", p.log());
+    let (b1, b2) = (accepted(&r1), accepted(&r2));
+    let clients: Vec<_> = (0..4).map(|_| ping(&p)).collect();
+    assert_eq!(
+        accepted(&r1),
+        b1 + 1,
+        "only the INFO connection: {}",
+        p.log()
+    );
+    assert_eq!(accepted(&r2), b2 + 4 + 1);
+    assert_eq!(command(&mut held, &["PING"]), "+PONG");
+    drop(clients);
+}
+
+#[test]
+fn a_lost_etcd_leaves_the_last_set_and_is_followed_again() {
+    let mut etcd = Etcd::start();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    // Plain keys (no lease): what is tested is the watcher, not lease time.
+    etcd.put("/ambassador/services/db/one", &r1.addr());
+    let p = proxy(&etcd.url("db"), &[]);
+    ping(&p);
+
+    etcd.kill();
+    assert!(p.wait_log("etcd connection lost", 10), "{}", p.log());
+    for _ in 0..3 {
+        ping(&p);
+    }
+
+    etcd.restart();
+    assert!(p.wait_log("etcd connection back", 20), "{}", p.log());
+    etcd.put("/ambassador/services/db/two", &r2.addr());
+    assert!(p.wait_log("count=2", 10), "{}", p.log());
+    let before = accepted(&r2);
+    for _ in 0..4 {
+        ping(&p);
+    }
+    assert!(accepted(&r2) > before + 1, "{}", p.log());
+    assert_eq!(p.log_count("etcd connection lost"), 1, "{}", p.log());
+    assert_eq!(p.log_count("etcd connection back"), 1, "{}", p.log());
+}
+
+#[test]
+fn a_bad_value_is_skipped_with_one_warning() {
+    let etcd = Etcd::start();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    etcd.put("/ambassador/services/db/one", &r1.addr());
+    etcd.put("/ambassador/services/db/bad", "127.0.0.1");
+    // Through the config file this time.
+    let dir = std::env::temp_dir().join(format!("ambassador-etcd-conf-{}", etcd.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("a.toml");
+    let port = free_port();
+    std::fs::write(
+        &file,
+        format!(
+            "[[forward]]\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\n",
+            etcd.url("db")
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--mode", "epoll", "--config"])
+        .arg(&file)
+        .env_clear();
+    let p = Proxy::spawn(cmd, port).expect("proxy did not become ready");
+    ping(&p);
+    assert!(p.wait_log("etcd value skipped", 5), "{}", p.log());
+    // Another change: the bad value is not reported again.
+    etcd.put("/ambassador/services/db/two", &r2.addr());
+    assert!(p.wait_log("count=2", 10), "{}", p.log());
+    let log = p.log();
+    assert_eq!(log.matches("etcd value skipped").count(), 1, "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("etcd value skipped"))
+        .unwrap();
+    assert!(line.contains("/ambassador/services/db/bad"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn no_backend_registered_closes_clients_at_once() {
+    let etcd = Etcd::start();
+    let p = proxy(&etcd.url("empty"), &[]);
+    let mut c = p.connect();
+    let mut buf = [0u8; 16];
+    assert_eq!(c.read(&mut buf).unwrap_or(0), 0, "closed, not left waiting");
+    assert!(p.wait_log("no healthy backend", 5), "{}", p.log());
+}
+
+#[test]
+fn an_unreachable_etcd_at_start_is_one_line_and_exit_2() {
+    let url = format!("etcd://127.0.0.1:{}/db", free_port());
+    let out = Command::new(BIN)
+        .args(["--mode", "epoll", "--forward"])
+        .arg(format!("127.0.0.1:{}={url}", free_port()))
+        .env_clear()
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&url), "{err}");
+    assert!(err.contains("cannot reach etcd"), "{err}");
+}

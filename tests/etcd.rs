@@ -226,3 +226,67 @@ fn an_unreachable_etcd_at_start_is_one_line_and_exit_2() {
     assert!(err.contains(&url), "{err}");
     assert!(err.contains("cannot reach etcd"), "{err}");
 }
+
+/// Wait up to `secs` for a log line holding every one of `parts`.
+fn wait_line(p: &Proxy, parts: &[&str], secs: u64) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(secs) {
+        if p.log().lines().any(|l| parts.iter().all(|s| l.contains(s))) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_reload_keeps_the_etcd_set_and_starts_new_watchers() {
+    let etcd = Etcd::start();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    etcd.put("/ambassador/services/db/one", &r1.addr());
+    etcd.put("/ambassador/services/cache/one", &r2.addr());
+    let dir = std::env::temp_dir().join(format!("ambassador-etcd-reload-{}", etcd.port));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("a.toml");
+    let (port, port2) = (free_port(), free_port());
+    let one = format!(
+        "[[forward]]\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\n",
+        etcd.url("db")
+    );
+    std::fs::write(&file, &one).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--mode", "epoll", "--config"])
+        .arg(&file)
+        .env_clear();
+    let p = Proxy::spawn(cmd, port).expect("proxy did not become ready");
+    let mut held = ping(&p);
+
+    // The etcd forward changes (balance) and another one is added.
+    let two = format!(
+        "{one}balance = \"least-conn\"\n\n[[forward]]\nlisten = \"127.0.0.1:{port2}\"\nbackends = [\"{}\"]\n",
+        etcd.url("cache")
+    );
+    std::fs::write(&file, two).unwrap();
+    p.signal(libc::SIGHUP);
+    assert!(
+        wait_line(&p, &["reloaded", "changed=1", "added=1"], 10),
+        "{}",
+        p.log()
+    );
+    // The added forward's watcher reads its set in the background.
+    let listen2 = format!("listen=127.0.0.1:{port2}");
+    assert!(
+        wait_line(&p, &["etcd backends changed", &listen2, "count=1"], 10),
+        "{}",
+        p.log()
+    );
+    let mut c = connect(&format!("127.0.0.1:{port2}"));
+    assert_eq!(command(&mut c, &["PING"]), "+PONG");
+    // The changed forward kept its etcd set (no moment without backends).
+    let before = accepted(&r1);
+    ping(&p);
+    assert_eq!(accepted(&r1), before + 2, "{}", p.log());
+    assert_eq!(command(&mut held, &["PING"]), "+PONG");
+    assert!(!p.log().contains("none registered"), "{}", p.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}

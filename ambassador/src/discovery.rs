@@ -225,7 +225,7 @@ impl Backoff {
         Backoff(Self::FIRST)
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn wait(&mut self) -> Duration {
         let d = self.0;
         self.0 = (d * 2).min(Self::MAX);
         d
@@ -337,9 +337,9 @@ mod tests {
     #[test]
     fn backoff_doubles_to_a_cap() {
         let mut b = Backoff::new();
-        let v: Vec<u64> = (0..6).map(|_| b.next().as_millis() as u64).collect();
+        let v: Vec<u64> = (0..6).map(|_| b.wait().as_millis() as u64).collect();
         assert_eq!(v, [250, 500, 1000, 2000, 4000, 4000]);
         b.reset();
-        assert_eq!(b.next(), Backoff::FIRST);
+        assert_eq!(b.wait(), Backoff::FIRST);
     }
 }

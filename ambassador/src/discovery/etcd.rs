@@ -142,10 +142,13 @@ impl Feeds {
         let mut feeds = Feeds::none();
         for f in forwards {
             if let Some(d) = &f.discovery {
-                let started = feeds
-                    .starter
-                    .start(d, f.listen, true)
-                    .map_err(|e| format!("{}: cannot reach etcd at {}: {e}", f.source, d.url))?;
+                let started = feeds.starter.start(d, f.listen, true).map_err(|e| {
+                    match f.source.contains(&d.url) {
+                        // A flag's source shows the URL already; a file's does not.
+                        true => format!("{}: cannot reach etcd: {e}", f.source),
+                        false => format!("{}: cannot reach etcd at {}: {e}", f.source, d.url),
+                    }
+                })?;
                 feeds.started.insert(f.listen, started);
             }
         }
@@ -267,7 +270,7 @@ impl Job {
                         tracing::warn!(listen = %self.listen, etcd = url, %error,
                             "etcd connection lost: keeping the last known backends, retrying");
                     }
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.wait()).await;
                 }
             }
         }

@@ -150,7 +150,7 @@ async fn run(r: Registration) -> u8 {
         }
         loop {
             tokio::select! {
-                () = tokio::time::sleep(backoff.next()) => {}
+                () = tokio::time::sleep(backoff.wait()) => {}
                 _ = term.recv() => return 0,
                 _ = int.recv() => return 0,
             }

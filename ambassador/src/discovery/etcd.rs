@@ -99,6 +99,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// An etcd client error in a few words: the client shows a failed call as
+/// `[Grpc] Status { code: …, message: "…", source: … }` (its cause's Debug
+/// form); the gRPC message alone says what happened.
+pub fn short(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    let Some(start) = s.find("message: \"").map(|i| i + "message: \"".len()) else {
+        return s;
+    };
+    match s[start..].find('"') {
+        Some(end) if end > 0 => s[start..start + end].to_string(),
+        _ => s,
+    }
+}
+
 /// `fut`, or an error after [`CALL_TIMEOUT`].
 pub async fn timed<T, E: std::fmt::Display>(
     what: &str,
@@ -106,7 +120,7 @@ pub async fn timed<T, E: std::fmt::Display>(
 ) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Ok(Err(e)) => Err(format!("{what}: {}", short(&e))),
         Err(_) => Err(format!("{what}: no answer within {CALL_TIMEOUT:?}")),
     }
 }
@@ -318,7 +332,7 @@ impl Job {
             let resp = match watch.message().await {
                 Ok(Some(r)) => r,
                 Ok(None) => return End::Lost("the watch stream ended".into()),
-                Err(e) => return End::Lost(e.to_string()),
+                Err(e) => return End::Lost(short(&e)),
             };
             if resp.compact_revision != 0 {
                 return End::Resync("compacted");
@@ -354,5 +368,17 @@ impl Job {
             });
         }
         set
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_errors() {
+        let long =
+            r#"[Grpc] Status { code: Unknown, message: "h2 protocol error: eof", source: None }"#;
+        assert_eq!(super::short(&long), "h2 protocol error: eof");
+        assert_eq!(super::short(&"plain"), "plain");
+        assert_eq!(super::short(&r#"message: """#), r#"message: """#);
     }
 }

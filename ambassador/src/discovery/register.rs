@@ -228,7 +228,7 @@ async fn keep_alive(client: &mut Client, lease: i64, ttl: i64) -> String {
         }
         tokio::time::sleep(every).await;
         if let Err(e) = ka.keep_alive().await {
-            return format!("keep-alive: {e}");
+            return format!("keep-alive: {}", super::etcd::short(&e));
         }
     }
 }

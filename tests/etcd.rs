@@ -163,6 +163,24 @@ fn a_lost_etcd_leaves_the_last_set_and_is_followed_again() {
 }
 
 #[test]
+fn a_silent_etcd_is_noticed_and_followed_again() {
+    let etcd = Etcd::start();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    etcd.put("/ambassador/services/db/one", &r1.addr());
+    let p = proxy(&etcd.url("db"), &[]);
+    ping(&p);
+    // Stopped, not dead: no FIN, no RST; HTTP/2 keep-alive pings notice.
+    etcd.signal(libc::SIGSTOP);
+    assert!(p.wait_log("etcd connection lost", 30), "{}", p.log());
+    ping(&p);
+    etcd.signal(libc::SIGCONT);
+    assert!(p.wait_log("etcd connection back", 20), "{}", p.log());
+    etcd.put("/ambassador/services/db/two", &r2.addr());
+    assert!(p.wait_log("count=2", 10), "{}", p.log());
+    assert_eq!(p.log_count("etcd connection lost"), 1, "{}", p.log());
+}
+
+#[test]
 fn a_bad_value_is_skipped_with_one_warning() {
     let etcd = Etcd::start();
     let (r1, r2) = (Redis::start(), Redis::start());

@@ -87,6 +87,12 @@ impl Etcd {
         }
     }
 
+    /// Send `sig` (SIGSTOP: an etcd that stops answering, sockets open).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("running").id();
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
     /// `etcdctl --endpoints … ARGS`.
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new("etcdctl")

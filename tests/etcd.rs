@@ -63,6 +63,21 @@ fn a_killed_registrars_key_expires_after_the_ttl() {
 }
 
 #[test]
+fn register_outlives_a_lost_etcd() {
+    let mut etcd = Etcd::start();
+    let mut reg = Registrar::start(&etcd, "db", "127.0.0.1:6392", "10s");
+    etcd.kill();
+    assert!(reg.wait_log("etcd connection lost", 20), "{}", reg.log());
+    etcd.restart();
+    assert!(reg.wait_log("etcd connection back", 20), "{}", reg.log());
+    assert_eq!(etcd.get(&reg.key).as_deref(), Some("127.0.0.1:6392"));
+    assert_eq!(reg.log().matches("etcd connection lost").count(), 1);
+    reg.signal(libc::SIGTERM);
+    assert_eq!(reg.wait_exit(10), Some(0), "{}", reg.log());
+    assert_eq!(etcd.get(&reg.key), None);
+}
+
+#[test]
 fn register_bad_flags_are_one_line_and_exit_2() {
     for (args, flag) in [
         (vec!["--service", "db", "--address", "h:1"], "--etcd"),

@@ -150,23 +150,28 @@ impl Drop for Etcd {
 pub struct Registrar {
     pub child: Child,
     pub key: String,
+    /// Its stderr, in a file beside the etcd data directory.
+    log: PathBuf,
 }
 
 impl Registrar {
     /// Register `address` as a backend of `service` and wait until the key
     /// is in etcd.
     pub fn start(etcd: &Etcd, service: &str, address: &str, ttl: &str) -> Registrar {
+        let log = etcd
+            .dir
+            .with_extension(format!("register-{}.log", address.replace(':', "-")));
         let child = Command::new(crate::support::BIN)
             .args(["register", "--etcd", &etcd.addr(), "--service", service])
             .args(["--address", address, "--ttl", ttl])
             .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn ambassador register");
         let key = format!("/ambassador/services/{service}/{address}");
-        let r = Registrar { child, key };
+        let r = Registrar { child, key, log };
         assert!(
             etcd.wait_key(&r.key, 10, |v| v == Some(address)),
             "{} was not registered",
@@ -177,6 +182,22 @@ impl Registrar {
 
     pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait up to `secs` for the log to contain `needle`.
+    pub fn wait_log(&self, needle: &str, secs: u64) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     /// Wait for exit (up to `secs`), returning the exit code.
@@ -196,5 +217,6 @@ impl Drop for Registrar {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }

@@ -227,8 +227,13 @@ async fn keep_alive(client: &mut Client, lease: i64, ttl: i64) -> String {
             Err(e) => return e,
         }
         tokio::time::sleep(every).await;
-        if let Err(e) = ka.keep_alive().await {
-            return format!("keep-alive: {}", super::etcd::short(&e));
+        if ka.keep_alive().await.is_err() {
+            // The request side closed: the stream broke (its reason, if
+            // any, is the next message's error).
+            return match timed("keep-alive", ka.message()).await {
+                Err(e) => e,
+                Ok(_) => "the keep-alive stream closed".into(),
+            };
         }
     }
 }

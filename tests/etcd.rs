@@ -323,3 +323,20 @@ fn a_reload_keeps_the_etcd_set_and_starts_new_watchers() {
     assert!(!p.log().contains("none registered"), "{}", p.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn etcd_start_empty_waits_for_etcd() {
+    let mut etcd = Etcd::unstarted();
+    let r1 = Redis::start();
+    let p = proxy(&etcd.url("db"), &["--etcd-start-empty"]);
+    assert!(p.wait_log("etcd unreachable", 10), "{}", p.log());
+    // No backend yet: closed at once.
+    let mut c = p.connect();
+    let mut buf = [0u8; 16];
+    assert_eq!(c.read(&mut buf).unwrap_or(0), 0);
+    etcd.restart();
+    etcd.put("/ambassador/services/db/one", &r1.addr());
+    assert!(p.wait_log("count=1", 20), "{}", p.log());
+    ping(&p);
+    assert_eq!(p.log_count("etcd unreachable"), 1, "{}", p.log());
+}

@@ -22,7 +22,10 @@ use std::time::Duration;
     version,
     about = "Forward TCP ports for the Docker ambassador pattern, splicing in the kernel when it can.",
     after_help = "Classic usage: DB_PORT_6379_TCP=tcp://10.0.0.2:6379 ambassador\n\
-                  (listens on 6379, the port in the variable's name, and forwards to 10.0.0.2:6379)"
+                  (listens on 6379, the port in the variable's name, and forwards to 10.0.0.2:6379)\n\n\
+                  Discovery: --forward 7000=etcd://127.0.0.1:2379/db takes the backends of service db\n\
+                  from etcd; ambassador register --etcd URL --service NAME --address HOST:PORT [--ttl 10s]\n\
+                  registers one (see ambassador register --help)."
 )]
 pub struct Cli {
     /// Forward: [LISTEN_ADDR:]PORT=HOST:PORT[,HOST:PORT…] or
@@ -45,6 +48,11 @@ pub struct Cli {
     /// Ignore Docker link variables in the environment.
     #[arg(long)]
     pub no_env: bool,
+
+    /// Start even when an etcd forward's etcd cannot be reached: the forward
+    /// has no backend until etcd answers (default: exit 2).
+    #[arg(long)]
+    pub etcd_start_empty: bool,
 
     /// Do not set TCP_NODELAY on the sockets.
     #[arg(long)]

@@ -57,7 +57,8 @@ fn main() -> ExitCode {
     raise_fd_limit();
     // Forwards from etcd: the first read of each, before anything is bound
     // (an etcd that cannot be reached is bad input: one line, exit 2).
-    let feeds = match ambassador::discovery::etcd::Feeds::start_all(&settings.forwards) {
+    let wait = !cli.etcd_start_empty;
+    let feeds = match ambassador::discovery::etcd::Feeds::start_all(&settings.forwards, wait) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("ambassador: error: {e}");

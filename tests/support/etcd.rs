@@ -18,19 +18,25 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start() -> Etcd {
+        let mut e = Etcd::unstarted();
+        e.restart();
+        e
+    }
+
+    /// Ports and a data directory chosen, not started yet ([`Etcd::restart`]
+    /// starts it): an etcd that is not there yet.
+    pub fn unstarted() -> Etcd {
         let port = crate::support::free_port();
         let peer_port = crate::support::free_port();
         let dir =
             std::env::temp_dir().join(format!("ambassador-etcd-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut e = Etcd {
+        Etcd {
             child: None,
             port,
             peer_port,
             dir,
-        };
-        e.restart();
-        e
+        }
     }
 
     /// `127.0.0.1:PORT`, as `--etcd` takes it.

@@ -150,13 +150,14 @@ impl Feeds {
         }
     }
 
-    /// A watcher for every etcd forward, each after its first read; the
-    /// error is one line naming the forward and the URL.
-    pub fn start_all(forwards: &[Forward]) -> Result<Feeds, String> {
+    /// A watcher for every etcd forward; with `wait`, each after its first
+    /// read (the error is one line naming the forward and the URL), else
+    /// at once with no backend (`--etcd-start-empty`).
+    pub fn start_all(forwards: &[Forward], wait: bool) -> Result<Feeds, String> {
         let mut feeds = Feeds::none();
         for f in forwards {
             if let Some(d) = &f.discovery {
-                let started = feeds.starter.start(d, f.listen, true).map_err(|e| {
+                let started = feeds.starter.start(d, f.listen, wait).map_err(|e| {
                     match f.source.contains(&d.url) {
                         // A flag's source shows the URL already; a file's does not.
                         true => format!("{}: cannot reach etcd: {e}", f.source),
@@ -274,15 +275,24 @@ impl Job {
                 End::Resync(why) => {
                     tracing::info!(listen = %self.listen, etcd = url, reason = why,
                         "etcd watch ended: reading the prefix again");
+                    // Not at once: a watch that etcd keeps cancelling must
+                    // not become a busy loop of reads.
+                    tokio::time::sleep(Backoff::FIRST).await;
                 }
                 End::Lost(error) => {
                     if let Some(f) = first.take() {
                         let _ = f.send(Err(error));
                         return;
                     }
+                    let never = link == Link::New;
                     if link.lost() {
-                        tracing::warn!(listen = %self.listen, etcd = url, %error,
-                            "etcd connection lost: keeping the last known backends, retrying");
+                        let msg = match never {
+                            true => "etcd unreachable: no backend until it answers, retrying",
+                            false => {
+                                "etcd connection lost: keeping the last known backends, retrying"
+                            }
+                        };
+                        tracing::warn!(listen = %self.listen, etcd = url, %error, "{msg}");
                     }
                     tokio::time::sleep(backoff.wait()).await;
                 }

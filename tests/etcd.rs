@@ -340,3 +340,33 @@ fn etcd_start_empty_waits_for_etcd() {
     ping(&p);
     assert_eq!(p.log_count("etcd unreachable"), 1, "{}", p.log());
 }
+
+#[test]
+fn check_shows_the_url_without_contacting_etcd_and_never_echoes_credentials() {
+    let url = format!("etcd://127.0.0.1:{}/db", free_port());
+    let out = Command::new(BIN)
+        .args(["--check", "--forward"])
+        .arg(format!("7000={url}"))
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&format!("0.0.0.0:7000  {url}")), "{table}");
+
+    let out = Command::new(BIN)
+        .args([
+            "--check",
+            "--forward",
+            "7000=etcd://user:s3cret@127.0.0.1:2379/db",
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("credentials") && !err.contains("s3cret"),
+        "{err}"
+    );
+}

@@ -394,6 +394,22 @@ balance = "round-robin"
 "#;
 
     #[test]
+    fn an_etcd_forward() {
+        let ok = "[[forward]]\nlisten = 7000\nbackends = [\"etcd://127.0.0.1:2379/db\"]\n";
+        let c = parse_str("amb.toml", ok).unwrap();
+        let f = &c.forwards[0].forward;
+        assert!(f.target.is_empty());
+        assert_eq!(f.discovery.as_ref().unwrap().service, "db");
+        let mixed = "[[forward]]\nlisten = 7000\nbackends = [\"etcd://h:1/db\", \"x:1\"]\n";
+        let e = parse_str("amb.toml", mixed).unwrap_err();
+        assert!(e.starts_with("amb.toml:3: forward[0].backends[0]:"), "{e}");
+        assert!(e.contains("only backend"), "{e}");
+        let bad = "[[forward]]\nlisten = 7000\nbackends = [\"etcd://h/db\"]\n";
+        let e = parse_str("amb.toml", bad).unwrap_err();
+        assert!(e.starts_with("amb.toml:3: forward[0].backends[0]:"), "{e}");
+    }
+
+    #[test]
     fn a_full_file() {
         let c = parse_str("amb.toml", FULL).unwrap();
         assert_eq!(c.globals.connect_timeout, Some(Duration::from_secs(2)));

@@ -370,3 +370,22 @@ fn check_shows_the_url_without_contacting_etcd_and_never_echoes_credentials() {
         "{err}"
     );
 }
+
+#[test]
+fn register_puts_the_key_back_when_its_lease_is_revoked() {
+    let etcd = Etcd::start();
+    let reg = Registrar::start(&etcd, "db", "127.0.0.1:6393", "3s");
+    let leases = etcd.ctl(&["lease", "list"]);
+    let leases = String::from_utf8_lossy(&leases.stdout);
+    // "found 1 leases\n694d7a1c2b3e4f01\n"
+    let id = leases.lines().nth(1).expect("one lease").trim().to_string();
+    let out = etcd.ctl(&["lease", "revoke", &id]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(reg.wait_log("lease gone", 10), "{}", reg.log());
+    assert!(
+        etcd.wait_key(&reg.key, 10, |v| v == Some("127.0.0.1:6393")),
+        "{}",
+        reg.log()
+    );
+    assert!(!reg.log().contains("connection lost"), "{}", reg.log());
+}

@@ -15,7 +15,9 @@
 //!   keeps the lease alive and etcd deletes the key after the TTL;
 //! - if etcd is lost for a while, the registrar warns once and retries with
 //!   a back-off; when etcd is back it keeps the same lease if it still
-//!   lives, or grants a new one and puts the key again.
+//!   lives, or grants a new one and puts the key again;
+//! - if the lease goes while etcd is there (revoked by hand, or expired),
+//!   the key went with it: one warning, a new lease, the key again.
 //!
 //! A bad flag is one line naming it, exit 2; an etcd that cannot be reached
 //! at start is one line naming it, exit 2 too (as for a forward).
@@ -144,9 +146,18 @@ async fn run(r: Registration) -> u8 {
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        // The keep-alive stream ended: etcd lost, or the lease expired.
-        if link.lost() {
-            tracing::warn!(%key, %etcd, error = %kept, "etcd connection lost: retrying");
+        // The keep-alive stream ended: etcd lost, or the lease is gone
+        // (expired, or revoked by someone else: the key went with it).
+        match kept {
+            Ended::LeaseGone => {
+                tracing::warn!(%key, %etcd, lease = format!("{lease:x}"),
+                    "lease gone (expired or revoked): registering again");
+            }
+            Ended::Lost(error) => {
+                if link.lost() {
+                    tracing::warn!(%key, %etcd, %error, "etcd connection lost: retrying");
+                }
+            }
         }
         loop {
             tokio::select! {
@@ -165,6 +176,8 @@ async fn run(r: Registration) -> u8 {
         backoff.reset();
         if link.up() {
             tracing::info!(%key, %etcd, lease = format!("{lease:x}"), "etcd connection back: registered");
+        } else {
+            tracing::info!(%key, %etcd, lease = format!("{lease:x}"), "registered");
         }
     }
     match timed("revoking the lease", client.lease.revoke(lease)).await {
@@ -212,28 +225,36 @@ async fn reconnect(r: &Registration, lease: i64) -> Result<(Client, i64), String
     grant_and_put(r).await
 }
 
-/// Keep `lease` alive until that fails; returns why.
-async fn keep_alive(client: &mut Client, lease: i64, ttl: i64) -> String {
+/// Why keeping a lease alive stopped.
+enum Ended {
+    /// etcd says the lease no longer exists (TTL 0).
+    LeaseGone,
+    /// The connection failed.
+    Lost(String),
+}
+
+/// Keep `lease` alive until that fails.
+async fn keep_alive(client: &mut Client, lease: i64, ttl: i64) -> Ended {
     let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(300));
     let mut ka = match timed("keep-alive", client.lease.keep_alive(lease)).await {
         Ok(k) => k,
-        Err(e) => return e,
+        Err(e) => return Ended::Lost(e),
     };
     loop {
         match timed("keep-alive", ka.message()).await {
             Ok(Some(resp)) if resp.ttl > 0 => {}
-            Ok(Some(_)) => return "the lease expired".into(),
-            Ok(None) => return "the keep-alive stream ended".into(),
-            Err(e) => return e,
+            Ok(Some(_)) => return Ended::LeaseGone,
+            Ok(None) => return Ended::Lost("the keep-alive stream ended".into()),
+            Err(e) => return Ended::Lost(e),
         }
         tokio::time::sleep(every).await;
         if ka.keep_alive().await.is_err() {
             // The request side closed: the stream broke (its reason, if
             // any, is the next message's error).
-            return match timed("keep-alive", ka.message()).await {
+            return Ended::Lost(match timed("keep-alive", ka.message()).await {
                 Err(e) => e,
                 Ok(_) => "the keep-alive stream closed".into(),
-            };
+            });
         }
     }
 }

@@ -24,7 +24,7 @@
 //!    changes them says so in a warning and applies the rest.
 //!
 //! A forward whose backends come from etcd (`crate::discovery`) is
-//! changed the same way when etcd sends a new set ([`Live::discovered`]);
+//! changed the same way when etcd sends a new set (`Live::discovered`);
 //! a reload keeps its watcher (and last set) while its `etcd://` source
 //! stays the same.
 //!

@@ -16,12 +16,13 @@
 //!    the [`View`] and send the set when it changed;
 //! 3. the watch ends: etcd was lost (warn once, keep the last set, retry
 //!    with a back-off up to 4 s, `etcd connection back` once it works), or
-//!    the watch was compacted or cancelled (start again at 1 at once: a
-//!    fresh read is the only way to be sure nothing was missed).
+//!    the watch was compacted or cancelled (start again at 1 after 250 ms:
+//!    a fresh read is the only way to be sure nothing was missed).
 //!
-//! At start-up [`start`] waits for the first read, so that an etcd that
-//! cannot be reached is one error line naming the URL (exit 2) instead of
-//! a forward that silently has no backend.
+//! At start-up [`Feeds::start_all`] waits for each first read, so that an
+//! etcd that cannot be reached is one error line naming the URL (exit 2)
+//! instead of a forward that silently has no backend (unless
+//! `--etcd-start-empty`). A reload that adds an etcd forward does not wait.
 
 use super::{Backoff, Discovery, Link, View};
 use crate::config::{Forward, Target};
@@ -249,12 +250,12 @@ struct Job {
     tx: mpsc::UnboundedSender<Update>,
 }
 
-/// The first read's result, for [`start`] with `wait`.
+/// The first read's result, for [`Starter::start`] with `wait`.
 type First = std::sync::mpsc::Sender<Result<Vec<Target>, String>>;
 
 /// How a session ended.
 enum End {
-    /// Compacted or cancelled watch: read again now.
+    /// Compacted or cancelled watch: read again (after a short pause).
     Resync(&'static str),
     /// etcd could not be reached, or the connection broke.
     Lost(String),

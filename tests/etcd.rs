@@ -389,3 +389,44 @@ fn register_puts_the_key_back_when_its_lease_is_revoked() {
     );
     assert!(!reg.log().contains("connection lost"), "{}", reg.log());
 }
+
+#[test]
+fn a_compacted_watch_is_resynced_from_a_fresh_read() {
+    let etcd = Etcd::start();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    for i in 0..5 {
+        etcd.put(
+            "/ambassador/services/db/one",
+            &format!("127.0.0.1:{}", 1000 + i),
+        );
+    }
+    etcd.put("/ambassador/services/db/one", &r1.addr());
+    // Compact the history away, then make the first watch start at
+    // revision 2 (a test hook): etcd cancels it as compacted.
+    let out = etcd.ctl(&["get", "-w", "fields", "/ambassador/services/db/one"]);
+    let fields = String::from_utf8_lossy(&out.stdout);
+    let rev = fields
+        .lines()
+        .find_map(|l| l.strip_prefix("\"Revision\" : "))
+        .expect("a revision")
+        .trim()
+        .to_string();
+    assert!(etcd.ctl(&["compact", &rev]).status.success());
+    let port = free_port();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--mode", "epoll", "--forward"])
+        .arg(format!("127.0.0.1:{port}={}", etcd.url("db")))
+        .env_clear()
+        .env("AMBASSADOR_ETCD_TEST_WATCH_FROM", "2");
+    let p = Proxy::spawn(cmd, port).expect("proxy did not become ready");
+    assert!(
+        wait_line(&p, &["etcd watch ended", "compacted"], 10),
+        "{}",
+        p.log()
+    );
+    ping(&p);
+    // Watching again after the fresh read: changes are followed.
+    etcd.put("/ambassador/services/db/two", &r2.addr());
+    assert!(p.wait_log("count=2", 10), "{}", p.log());
+    assert!(!p.log().contains("connection lost"), "{}", p.log());
+}

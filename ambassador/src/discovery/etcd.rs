@@ -198,11 +198,17 @@ fn spawn(
     let (stop, stop_rx) = oneshot::channel();
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let first = wait.then_some(first_tx);
+    // A test hook: the first watch starts at this revision instead of
+    // after the read (an old, compacted one makes etcd cancel it).
+    let watch_from = std::env::var("AMBASSADOR_ETCD_TEST_WATCH_FROM")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let job = Job {
         d: d.clone(),
         listen,
         id,
         tx,
+        watch_from: std::cell::Cell::new(watch_from),
     };
     std::thread::Builder::new()
         .name(format!("etcd {listen}"))
@@ -248,6 +254,8 @@ struct Job {
     listen: SocketAddr,
     id: u64,
     tx: mpsc::UnboundedSender<Update>,
+    /// `AMBASSADOR_ETCD_TEST_WATCH_FROM`, for the first watch only.
+    watch_from: std::cell::Cell<Option<i64>>,
 }
 
 /// The first read's result, for [`Starter::start`] with `wait`.
@@ -330,7 +338,7 @@ impl Job {
             let _ = f.send(Ok(set));
         }
         let mut create = client.watch.do_watch(prefix.as_str()).with_prefix();
-        create.request.start_revision = revision + 1;
+        create.request.start_revision = self.watch_from.take().unwrap_or(revision + 1);
         let mut watch = match timed("starting the watch", create).await {
             Ok(w) => w,
             Err(e) => return End::Lost(e),

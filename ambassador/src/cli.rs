@@ -9,7 +9,8 @@
 use crate::balance::{Balance, PoolConfig};
 use crate::config::env::{self, Skipped};
 use crate::config::file::{self, FileConfig, Globals};
-use crate::config::{Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
+use crate::config::{Backends, Forward, LogFormat, Mode, Proto, Settings, SplicePolicy, parse};
+use crate::discovery::Discovery;
 use clap::Parser;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -21,10 +22,14 @@ use std::time::Duration;
     version,
     about = "Forward TCP ports for the Docker ambassador pattern, splicing in the kernel when it can.",
     after_help = "Classic usage: DB_PORT_6379_TCP=tcp://10.0.0.2:6379 ambassador\n\
-                  (listens on 6379, the port in the variable's name, and forwards to 10.0.0.2:6379)"
+                  (listens on 6379, the port in the variable's name, and forwards to 10.0.0.2:6379)\n\n\
+                  Discovery: --forward 7000=etcd://127.0.0.1:2379/db takes the backends of service db\n\
+                  from etcd; ambassador register --etcd URL --service NAME --address HOST:PORT [--ttl 10s]\n\
+                  registers one (see ambassador register --help)."
 )]
 pub struct Cli {
-    /// Forward: [LISTEN_ADDR:]PORT=HOST:PORT (repeatable). IPv6 in brackets.
+    /// Forward: [LISTEN_ADDR:]PORT=HOST:PORT[,HOST:PORT…] or
+    /// [LISTEN_ADDR:]PORT=etcd://HOST:PORT/SERVICE (repeatable). IPv6 in brackets.
     #[arg(long = "forward", short = 'f', value_name = "[ADDR:]PORT=HOST:PORT")]
     pub forwards: Vec<String>,
 
@@ -43,6 +48,11 @@ pub struct Cli {
     /// Ignore Docker link variables in the environment.
     #[arg(long)]
     pub no_env: bool,
+
+    /// Start even when an etcd forward's etcd cannot be reached: the forward
+    /// has no backend until etcd answers (default: exit 2).
+    #[arg(long)]
+    pub etcd_start_empty: bool,
 
     /// Do not set TCP_NODELAY on the sockets.
     #[arg(long)]
@@ -154,15 +164,7 @@ impl Cli {
             }
         }
         for f in &self.forwards {
-            let (listen, target) =
-                parse::forward(f).map_err(|e| ConfigError(format!("--forward {f}: {e}")))?;
-            forwards.push(Forward {
-                source: format!("--forward {f}"),
-                listen,
-                target,
-                proto: Proto::Tcp,
-                pool: pool.clone(),
-            });
+            forwards.push(forward_flag(f, &pool)?);
         }
         match self.positional.as_slice() {
             [] => {}
@@ -180,6 +182,7 @@ impl Cli {
                     target: target.into(),
                     proto: Proto::Tcp,
                     pool: pool.clone(),
+                    discovery: None,
                 });
             }
             [one] => {
@@ -384,6 +387,34 @@ impl Cli {
     }
 }
 
+/// One `--forward` flag: `LISTEN=HOST:PORT[,…]` or `LISTEN=etcd://…/SERVICE`.
+fn forward_flag(f: &str, pool: &PoolConfig) -> Result<Forward, ConfigError> {
+    let (l, t) = parse::split_forward(f).map_err(|e| ConfigError(format!("--forward {f}: {e}")))?;
+    let (listen, target, discovery) = if Discovery::is_url(t) {
+        // The message names the listen side only: the URL could hold a
+        // password (refused, and never repeated).
+        let err = |e: String| ConfigError(format!("--forward {l}=etcd://…: {e}"));
+        let d = Discovery::parse(t).map_err(err)?;
+        (
+            parse::listen(l).map_err(err)?,
+            Backends(Vec::new()),
+            Some(d),
+        )
+    } else {
+        let (listen, target) =
+            parse::forward(f).map_err(|e| ConfigError(format!("--forward {f}: {e}")))?;
+        (listen, target, None)
+    };
+    Ok(Forward {
+        source: format!("--forward {f}"),
+        listen,
+        target,
+        proto: Proto::Tcp,
+        pool: pool.clone(),
+        discovery,
+    })
+}
+
 /// Two forwards that would bind the same address: same port and same IP, or
 /// one of them on the wildcard address of the same family. (Classic socat
 /// failed to bind the second and ran half-configured; we refuse to start.)
@@ -436,7 +467,7 @@ pub fn table(settings: &Settings, skipped: &[Skipped]) -> String {
         rows.push([
             f.source.clone(),
             f.listen.to_string(),
-            f.target.to_string(),
+            f.target_display(),
             f.proto.to_string(),
         ]);
     }

@@ -57,7 +57,8 @@ impl fmt::Display for Proto {
 }
 
 /// The backends of a forward: one or more targets, in the order written
-/// (`db1:6379,db2:6379`). Never empty.
+/// (`db1:6379,db2:6379`). Never empty, except for a forward whose backends
+/// come from etcd ([`Forward::discovery`]): there the set is what etcd says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backends(pub Vec<Target>);
 
@@ -105,6 +106,19 @@ pub struct Forward {
     pub proto: Proto,
     /// How the backends share clients and when one is ejected.
     pub pool: crate::balance::PoolConfig,
+    /// `etcd://…/SERVICE`: the backends are read and watched there
+    /// ([`crate::discovery`]); `target` is then empty.
+    pub discovery: Option<crate::discovery::Discovery>,
+}
+
+impl Forward {
+    /// Where it forwards, as written: the backends, or the etcd URL.
+    pub fn target_display(&self) -> String {
+        match &self.discovery {
+            Some(d) => d.url.clone(),
+            None => self.target.to_string(),
+        }
+    }
 }
 
 /// Which data path moves the bytes. See `engine.rs`.

@@ -19,6 +19,8 @@
 //! - [`caps`]: dropping capabilities after start-up.
 //! - [`balance`]: choosing a backend and passive health (decisions only);
 //!   [`upstream`] does the connecting for it.
+//! - [`discovery`]: forwards whose backends are registered in etcd
+//!   (`etcd://HOST:PORT/SERVICE`), and `ambassador register`.
 //! - [`loops`]: refusing forwards that point at the ambassador itself, at
 //!   start-up and at run time.
 
@@ -27,6 +29,7 @@ pub mod bpf;
 pub mod caps;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod engine;
 pub mod exporter;
 pub mod http;

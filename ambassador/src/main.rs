@@ -14,6 +14,13 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     ignore_sighup();
+    // `ambassador register …` is its own small program (a host named
+    // `register` in the classic `HOST PORT` mode needs `--forward`).
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == "register") {
+        init_logging(LogFormat::Text);
+        return ExitCode::from(ambassador::discovery::register::main(args.collect()));
+    }
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     cli.mark_explicit(&matches);
@@ -48,6 +55,16 @@ fn main() -> ExitCode {
         tracing::warn!(var = %s.var, reason = s.why, "link variable skipped");
     }
     raise_fd_limit();
+    // Forwards from etcd: the first read of each, before anything is bound
+    // (an etcd that cannot be reached is bad input: one line, exit 2).
+    let wait = !cli.etcd_start_empty;
+    let feeds = match ambassador::discovery::etcd::Feeds::start_all(&settings.forwards, wait) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("ambassador: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
 
     let engine = match engine::select(&settings) {
         Ok(e) => e,
@@ -81,7 +98,7 @@ fn main() -> ExitCode {
             }),
         }
     };
-    match server::run_with(settings, engine, listeners, Some(reloader)) {
+    match server::run_with(settings, engine, listeners, Some(reloader), feeds) {
         Ok(server::Stop::Drained | server::Stop::TimedOut) => ExitCode::SUCCESS,
         Ok(server::Stop::Forced) => ExitCode::from(1),
         Err(e) => {

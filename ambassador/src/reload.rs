@@ -23,11 +23,17 @@
 //!    and `max_conns` of running forwards need a restart; a reload that
 //!    changes them says so in a warning and applies the rest.
 //!
+//! A forward whose backends come from etcd (`crate::discovery`) is
+//! changed the same way when etcd sends a new set (`Live::discovered`);
+//! a reload keeps its watcher (and last set) while its `etcd://` source
+//! stays the same.
+//!
 //! File changes are watched with `notify` on the file's directory (editors
 //! and config managers often replace a file by renaming a new one over it)
 //! and debounced: a burst of events within 300 ms is one reload.
 
-use crate::config::{Forward, Settings};
+use crate::config::{Backends, Forward, Settings, Target};
+use crate::discovery::etcd::{Starter, Update, Watcher};
 use crate::loops::Origin;
 use crate::metrics::ForwardStats;
 use crate::server::{Current, Fwd, Shared, accept_loop, bind};
@@ -162,6 +168,20 @@ struct Running {
     fwd: Rc<Fwd>,
     stats: Arc<ForwardStats>,
     stop: watch::Sender<bool>,
+    /// A forward from etcd: its watcher and the last set it sent.
+    etcd: Option<Etcd>,
+}
+
+/// An etcd forward's source of backends (dropping it stops the watcher).
+pub(crate) struct Etcd {
+    watcher: Watcher,
+    backends: Vec<Target>,
+}
+
+impl Etcd {
+    pub fn new((watcher, backends): (Watcher, Vec<Target>)) -> Etcd {
+        Etcd { watcher, backends }
+    }
 }
 
 /// The running forwards of the server.
@@ -172,15 +192,18 @@ pub(crate) struct Live {
     /// Every forward's counters, removed ones too (their connections may
     /// still be draining; their totals are logged at exit).
     all: Vec<(String, Arc<ForwardStats>)>,
+    /// Starts the etcd watchers of forwards a reload adds or changes.
+    etcd: Starter,
 }
 
 impl Live {
-    pub fn new(settings: Rc<Settings>, shared: Rc<Shared>) -> Live {
+    pub fn new(settings: Rc<Settings>, shared: Rc<Shared>, etcd: Starter) -> Live {
         Live {
             settings,
             shared,
             running: BTreeMap::new(),
             all: Vec::new(),
+            etcd,
         }
     }
 
@@ -192,14 +215,17 @@ impl Live {
         self.all.clone()
     }
 
-    /// The accept loop's state for `f`; `old`: the one a change replaces.
-    fn current(&self, f: &Forward, stats: &Arc<ForwardStats>, old: Option<&Upstreams>) -> Current {
-        let upstreams = Upstreams::replacing(
-            old,
-            f.source.as_str().into(),
-            f.target.0.clone(),
-            f.pool.clone(),
-        );
+    /// The accept loop's state for `f` with `backends` (its own, or the
+    /// ones etcd gave it); `old`: the one a change replaces.
+    fn current(
+        &self,
+        f: &Forward,
+        backends: Vec<Target>,
+        stats: &Arc<ForwardStats>,
+        old: Option<&Upstreams>,
+    ) -> Current {
+        let upstreams =
+            Upstreams::replacing(old, f.source.as_str().into(), backends, f.pool.clone());
         crate::exporter::global().add_forward(crate::exporter::ForwardEntry {
             listen: f.listen.to_string(),
             stats: stats.clone(),
@@ -211,13 +237,19 @@ impl Live {
         }
     }
 
-    /// Start serving `forward` on its bound `listener`.
-    pub fn start(&mut self, forward: Forward, listener: TcpListener) {
+    /// Start serving `forward` on its bound `listener`; `etcd`: its
+    /// watcher and first set, for a forward from etcd.
+    pub fn start(&mut self, forward: Forward, listener: TcpListener, etcd: Option<Etcd>) {
         let stats = Arc::new(ForwardStats::default());
+        let backends = match &etcd {
+            Some(e) => e.backends.clone(),
+            None => forward.target.0.clone(),
+        };
         tracing::info!(
             forward = %forward.source,
             listen = %forward.listen,
-            target = %forward.target,
+            target = %forward.target_display(),
+            backends = %Backends(backends.clone()),
             "listening"
         );
         let fwd = Rc::new(Fwd {
@@ -226,7 +258,7 @@ impl Live {
                 stats: stats.clone(),
                 episode: Rc::default(),
             },
-            current: RefCell::new(self.current(&forward, &stats, None)),
+            current: RefCell::new(self.current(&forward, backends, &stats, None)),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::task::spawn_local(accept_loop(
@@ -243,8 +275,54 @@ impl Live {
                 fwd,
                 stats,
                 stop,
+                etcd,
             },
         );
+    }
+
+    /// A watcher for a forward a reload added or moved to another etcd
+    /// source: it does not block the reload (its first read arrives as an
+    /// update; until then the forward has no backend).
+    fn watch(&mut self, f: &Forward) -> Option<Etcd> {
+        let d = f.discovery.as_ref()?;
+        match self.etcd.start(d, f.listen, false) {
+            Ok(started) => Some(Etcd::new(started)),
+            Err(e) => {
+                tracing::warn!(forward = %f.source, error = %e, "cannot watch etcd");
+                None
+            }
+        }
+    }
+
+    /// etcd sent a new backend set for a forward: new clients use it (kept
+    /// backends keep their health and counters; live connections keep
+    /// their backend).
+    pub fn discovered(&mut self, u: Update) {
+        let Some(r) = self.running.get_mut(&u.listen) else {
+            return;
+        };
+        let Some(e) = r.etcd.as_mut().filter(|e| e.watcher.id == u.watcher) else {
+            return; // a replaced watcher's last words
+        };
+        if e.backends == u.backends {
+            return;
+        }
+        e.backends = u.backends.clone();
+        let (forward, stats) = (r.forward.clone(), r.stats.clone());
+        let old = r.fwd.current.borrow().upstreams.clone();
+        let current = self.current(&forward, u.backends.clone(), &stats, Some(&old));
+        let r = self.running.get_mut(&u.listen).expect("present");
+        *r.fwd.current.borrow_mut() = current;
+        let n = u.backends.len();
+        let backends = Backends(u.backends);
+        match n {
+            0 => tracing::warn!(forward = %forward.source, listen = %forward.listen,
+                etcd = %forward.target_display(),
+                "etcd backends changed: none registered, new clients are closed"),
+            _ => tracing::info!(forward = %forward.source, listen = %forward.listen,
+                backends = %backends, count = n,
+                "etcd backends changed: new connections use the new set"),
+        }
     }
 
     /// Stop every accept loop (SIGTERM/SIGINT).
@@ -307,17 +385,28 @@ impl Live {
             }
         }
         for f in &d.changed {
-            let Some((stats, old)) = self
-                .running
-                .get(&f.listen)
-                .map(|r| (r.stats.clone(), r.fwd.current.borrow().upstreams.clone()))
-            else {
+            let Some((stats, old, etcd)) = self.running.get_mut(&f.listen).map(|r| {
+                let old = r.fwd.current.borrow().upstreams.clone();
+                (r.stats.clone(), old, r.etcd.take())
+            }) else {
                 continue;
             };
-            let current = self.current(f, &stats, Some(&old));
+            // The same etcd source keeps its watcher and set; another one
+            // starts afresh.
+            let etcd = match (etcd, &f.discovery) {
+                (Some(e), Some(d)) if e.watcher.discovery == *d => Some(e),
+                (_, Some(_)) => self.watch(f),
+                (_, None) => None,
+            };
+            let backends = match &etcd {
+                Some(e) => e.backends.clone(),
+                None => f.target.0.clone(),
+            };
+            let current = self.current(f, backends, &stats, Some(&old));
             let r = self.running.get_mut(&f.listen).expect("present");
             *r.fwd.current.borrow_mut() = current;
-            tracing::info!(forward = %f.source, listen = %f.listen, target = %f.target,
+            r.etcd = etcd;
+            tracing::info!(forward = %f.source, listen = %f.listen, target = %f.target_display(),
                 "forward changed: new connections use the new backends");
             r.forward = f.clone();
         }
@@ -326,7 +415,8 @@ impl Live {
             r.fwd.current.borrow_mut().settings = self.settings.clone();
         }
         for (f, l) in d.added.iter().zip(bound) {
-            self.start(f.clone(), l);
+            let etcd = self.watch(f);
+            self.start(f.clone(), l, etcd);
         }
         tracing::info!(
             file,
@@ -352,6 +442,7 @@ mod tests {
             target,
             proto: Proto::Tcp,
             pool: Default::default(),
+            discovery: None,
         }
     }
 

@@ -21,6 +21,10 @@
 //!    both addresses;
 //! 5. set TCP_NODELAY on both sockets and hand them to the engine.
 //!
+//! A forward whose backends come from etcd gets each new set from its
+//! watcher thread over a channel; the main loop applies it like a reload
+//! that changed the forward's backends (`Live::discovered`).
+//!
 //! Signals ([`Signals`], installed before `ready` is logged):
 //! - SIGTERM or SIGINT stops the accept loops and lets live connections
 //!   finish for up to `--drain-timeout`; then the ones still live are
@@ -35,11 +39,12 @@
 mod fds;
 
 use crate::config::{Host, Settings};
+use crate::discovery::etcd::Feeds;
 use crate::engine::{Abort, Conn, Engine};
 use crate::loops::{Origin, OwnUpstreams, Registration};
 use crate::metrics::{ActiveGuard, ForwardStats};
-use crate::reload::Live;
 pub use crate::reload::Reloader;
+use crate::reload::{Etcd, Live};
 use crate::upstream::{AttemptError, Failure, Upstreams};
 use fds::{Backoff, FdBudget};
 use std::cell::{Cell, RefCell};
@@ -134,20 +139,22 @@ pub fn run(
     engine: Engine,
     listeners: Vec<std::net::TcpListener>,
 ) -> Result<Stop, StartError> {
-    run_with(settings, engine, listeners, None)
+    run_with(settings, engine, listeners, None, Feeds::none())
 }
 
 /// [`run`], with a way to reload the configuration on SIGHUP and when the
-/// config file changes (see [`crate::reload`]).
+/// config file changes (see [`crate::reload`]), and the etcd watchers of
+/// the forwards whose backends come from etcd (see [`crate::discovery`]).
 pub fn run_with(
     settings: Settings,
     engine: Engine,
     listeners: Vec<std::net::TcpListener>,
     reloader: Option<Reloader>,
+    feeds: Feeds,
 ) -> Result<Stop, StartError> {
     let settings = Rc::new(settings);
     let uring = matches!(engine, Engine::Uring);
-    let serve = serve(settings, Rc::new(engine), listeners, reloader);
+    let serve = serve(settings, Rc::new(engine), listeners, reloader, feeds);
     // When connections were cut, the runtime is not dropped: dropping it
     // would wait for (or cancel) every engine's pending operations, while
     // exiting lets the kernel close every socket at once, with the RST
@@ -244,6 +251,7 @@ async fn serve(
     engine: Rc<Engine>,
     listeners: Vec<std::net::TcpListener>,
     reloader: Option<Reloader>,
+    feeds: Feeds,
 ) -> Result<Stop, StartError> {
     let abort_tx = Abort::install();
     let mut signals = Signals::install().map_err(StartError::Runtime)?;
@@ -255,10 +263,16 @@ async fn serve(
         live: RefCell::default(),
     });
     // The running forwards; a reload adds, removes and changes them.
-    let mut live = Live::new(settings.clone(), shared.clone());
+    let Feeds {
+        starter,
+        rx: mut discovered,
+        mut started,
+    } = feeds;
+    let mut live = Live::new(settings.clone(), shared.clone(), starter);
     for (forward, listener) in settings.forwards.iter().zip(listeners) {
         let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
-        live.start(forward.clone(), listener);
+        let etcd = started.remove(&forward.listen).map(Etcd::new);
+        live.start(forward.clone(), listener, etcd);
     }
     let mut changes = reloader.as_ref().and_then(Reloader::watch);
     match crate::caps::drop_all() {
@@ -279,6 +293,7 @@ async fn serve(
             () = crate::reload::changed(&mut changes) => {
                 live.reload(reloader.as_ref(), "config file changed")
             }
+            Some(update) = discovered.recv() => live.discovered(update),
         }
     }
     live.stop_all();

@@ -47,6 +47,9 @@ pub const TEST_PACKAGES: &[&str] = &[
     "busybox-static",
     // promtool, which checks the /metrics exposition format.
     "prometheus",
+    // etcd and etcdctl, for the discovery tests (tests/etcd.rs).
+    "etcd-server",
+    "etcd-client",
 ];
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {

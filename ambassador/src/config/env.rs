@@ -116,6 +116,7 @@ pub fn scan(vars: impl IntoIterator<Item = (String, String)>) -> Result<Scan, St
             target: target.into(),
             proto: Proto::Tcp,
             pool: Default::default(),
+            discovery: None,
         });
     }
     Ok(out)

@@ -15,7 +15,7 @@
 //! [[forward]]
 //! name = "redis"              # optional; shown as the forward's source
 //! listen = "127.0.0.1:6379"   # or a port: 6379 (all IPv4 addresses)
-//! backends = ["db1:6379", "db2:6379"]
+//! backends = ["db1:6379", "db2:6379"]   # or ["etcd://127.0.0.1:2379/db"]
 //! balance = "round-robin"     # optional: this forward only
 //! health = { fails = 2 }      # optional: this forward only
 //! ```
@@ -33,6 +33,7 @@
 
 use super::{Backends, Forward, Mode, Proto, SplicePolicy, parse};
 use crate::balance::{Balance, PoolConfig};
+use crate::discovery::Discovery;
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
@@ -297,7 +298,21 @@ pub fn parse_str(file: &str, text: &str) -> Result<FileConfig, String> {
             return Err(at.err(&f.backends.span(), &key("backends"), "needs at least one"));
         }
         let mut targets = Vec::new();
+        let mut discovery = None;
         for (j, b) in f.backends.get_ref().iter().enumerate() {
+            if Discovery::is_url(b.get_ref()) {
+                let k = format!("{prefix}backends[{j}]");
+                if f.backends.get_ref().len() > 1 {
+                    return Err(at.err(
+                        &b.span(),
+                        &k,
+                        "an etcd:// source must be the only backend",
+                    ));
+                }
+                discovery =
+                    Some(Discovery::parse(b.get_ref()).map_err(|e| at.err(&b.span(), &k, e))?);
+                continue;
+            }
             let k = format!("{prefix}backends[{j}]");
             let t = parse::target(b.get_ref()).map_err(|e| at.err(&b.span(), &k, e))?;
             if targets.contains(&t) {
@@ -317,6 +332,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<FileConfig, String> {
                 target: Backends(targets),
                 proto: Proto::Tcp,
                 pool: PoolConfig::default(),
+                discovery,
             },
             pool,
         });
@@ -376,6 +392,22 @@ listen = 5432
 backends = ["[::1]:5432"]
 balance = "round-robin"
 "#;
+
+    #[test]
+    fn an_etcd_forward() {
+        let ok = "[[forward]]\nlisten = 7000\nbackends = [\"etcd://127.0.0.1:2379/db\"]\n";
+        let c = parse_str("amb.toml", ok).unwrap();
+        let f = &c.forwards[0].forward;
+        assert!(f.target.is_empty());
+        assert_eq!(f.discovery.as_ref().unwrap().service, "db");
+        let mixed = "[[forward]]\nlisten = 7000\nbackends = [\"etcd://h:1/db\", \"x:1\"]\n";
+        let e = parse_str("amb.toml", mixed).unwrap_err();
+        assert!(e.starts_with("amb.toml:3: forward[0].backends[0]:"), "{e}");
+        assert!(e.contains("only backend"), "{e}");
+        let bad = "[[forward]]\nlisten = 7000\nbackends = [\"etcd://h/db\"]\n";
+        let e = parse_str("amb.toml", bad).unwrap_err();
+        assert!(e.starts_with("amb.toml:3: forward[0].backends[0]:"), "{e}");
+    }
 
     #[test]
     fn a_full_file() {

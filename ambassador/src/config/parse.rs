@@ -94,10 +94,19 @@ pub fn backends(s: &str) -> Result<Backends, String> {
 /// backends). Without LISTEN_ADDR the forward listens on all IPv4
 /// addresses, like the classic image.
 pub fn forward(s: &str) -> Result<(SocketAddr, Backends), String> {
-    let (listen, tgt) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected [LISTEN_ADDR:]PORT=HOST:PORT"))?;
-    let listen = if listen.contains(':') {
+    let (l, tgt) = split_forward(s)?;
+    Ok((listen(l)?, backends(tgt)?))
+}
+
+/// `LISTEN=TARGET` → its two sides.
+pub fn split_forward(s: &str) -> Result<(&str, &str), String> {
+    s.split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected [LISTEN_ADDR:]PORT=HOST:PORT"))
+}
+
+/// The listen side of a forward: `[LISTEN_ADDR:]PORT`.
+pub fn listen(listen: &str) -> Result<SocketAddr, String> {
+    Ok(if listen.contains(':') {
         let (h, p) = split_host_port(listen)?;
         let ip: IpAddr = h
             .parse()
@@ -105,8 +114,7 @@ pub fn forward(s: &str) -> Result<(SocketAddr, Backends), String> {
         SocketAddr::new(ip, port(p)?)
     } else {
         SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port(listen)?)
-    };
-    Ok((listen, backends(tgt)?))
+    })
 }
 
 /// The longest duration any flag accepts. Anything longer is a typo (and

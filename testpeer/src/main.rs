@@ -1,6 +1,7 @@
 //! `ambassador-testpeer`: the peer the kernel matrix runs next to the ambassador, inside each qemu
-//! guest and natively on the host. One static binary, std + `libc` only (the ambassador crate
-//! already depends on `libc`), so that it runs from a bare busybox initramfs.
+//! guest and natively on the host. One static binary, std + `libc` only, so that it runs from a
+//! bare busybox initramfs. It is test infrastructure, so it is its own workspace crate
+//! (`testpeer/`), not a binary of the shipped `ambassador` package.
 //!
 //! # Layout
 //! - `suite`: the whole per-kernel run. Starts in-process upstreams on loopback, starts the

@@ -86,26 +86,17 @@ pub(crate) fn confine(cmd: &mut Command, nonroot: bool, seccomp: Seccomp) {
     }
 }
 
-pub(crate) fn wrap(args: &[String]) -> Res<()> {
-    let sep = args
-        .iter()
-        .position(|a| a == "--")
-        .unwrap_or_else(|| usage());
-    let flags = &args[..sep];
-    let argv = &args[sep + 1..];
-    if argv.is_empty() {
-        usage();
-    }
+pub(crate) fn wrap(args: &WrapArgs) -> Res<()> {
+    let argv = &args.argv;
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    let has = |f: &str| flags.iter().any(|x| x == f);
-    let seccomp = if has("--seccomp") {
+    let seccomp = if args.seccomp {
         Seccomp::UringBpf
-    } else if has("--seccomp-uring") {
+    } else if args.seccomp_uring {
         Seccomp::Uring
     } else {
         Seccomp::Off
     };
-    confine(&mut cmd, has("--nonroot"), seccomp);
+    confine(&mut cmd, args.nonroot, seccomp);
     Err(format!("exec {}: {}", argv[0], cmd.exec()))
 }

@@ -1,6 +1,6 @@
 //! `ambassador-testpeer`: the peer the kernel matrix runs next to the ambassador, inside each qemu
-//! guest and natively on the host. One static binary, std + `libc` only, so that it runs from a
-//! bare busybox initramfs. It is test infrastructure, so it is its own workspace crate
+//! guest and natively on the host. One static binary (std, `libc`, `clap`: no system library), so
+//! that it runs from a bare busybox initramfs. It is test infrastructure, so it is its own workspace crate
 //! (`testpeer/`), not a binary of the shipped `ambassador` package.
 //!
 //! # Layout
@@ -38,6 +38,7 @@ pub(crate) use probe::*;
 pub(crate) use stream::*;
 pub(crate) use suite::*;
 
+use clap::Parser;
 use std::io::{self};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -46,69 +47,109 @@ use std::time::Duration;
 /// is generous, but it still bounds a stalled forward.
 pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The command line (clap): one subcommand per mode.
+#[derive(Parser)]
+#[command(
+    name = "ambassador-testpeer",
+    about = "The kernel matrix's peer next to the ambassador"
+)]
+enum Cli {
+    /// The whole per-kernel run: every cell through the ambassador, `KM ...` lines out.
+    Suite(SuiteArgs),
+    /// What the kernel offers, and the sockmap fixes through raw bpf().
+    Probe,
+    /// An echo upstream.
+    Echo(Listen),
+    /// An upstream that speaks first.
+    SpeakFirstServer(Listen),
+    /// An upstream for the half-close check.
+    HalfCloseServer(Listen),
+    /// Bulk both ways through ADDR.
+    Bulk {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 4 << 20)]
+        bytes: usize,
+    },
+    /// The client speaks first through ADDR.
+    SpeakFirstClient(Connect),
+    /// The upstream speaks first through ADDR.
+    SpeakFirst(Connect),
+    /// Half-close through ADDR.
+    HalfClose(Connect),
+    /// Run CMD as uid 65534 and/or with io_uring (and bpf) refused by seccomp.
+    Wrap(WrapArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Listen {
+    #[arg(long)]
+    listen: String,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Connect {
+    #[arg(long)]
+    connect: SocketAddr,
+}
+
+/// `suite`'s options.
+#[derive(clap::Args)]
+pub(crate) struct SuiteArgs {
+    /// The ambassador binary to test.
+    #[arg(long)]
+    pub ambassador: String,
+    /// Bytes each way in the bulk check.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub bytes: usize,
+    /// Connections in the connect storm.
+    #[arg(long, default_value_t = 40)]
+    pub storm: usize,
+    /// Only these cells (comma-separated names; all if empty).
+    #[arg(long, default_value = "")]
+    pub cells: String,
+    /// Running in a guest: cells that change a sysctl may run.
+    #[arg(long)]
+    pub guest: bool,
+}
+
+/// `wrap`'s options.
+#[derive(clap::Args)]
+pub(crate) struct WrapArgs {
+    /// Run as uid/gid 65534 (no capabilities).
+    #[arg(long)]
+    pub nonroot: bool,
+    /// Refuse io_uring and bpf (EPERM).
+    #[arg(long, conflicts_with = "seccomp_uring")]
+    pub seccomp: bool,
+    /// Refuse io_uring only (EPERM).
+    #[arg(long)]
+    pub seccomp_uring: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub argv: Vec<String>,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = args.first() else {
-        usage();
-    };
-    let rest = &args[1..];
-    let r = match cmd.as_str() {
-        "suite" => suite(rest),
-        "probe" => {
+    let r = match Cli::parse() {
+        Cli::Suite(a) => suite(&a),
+        Cli::Probe => {
             probe();
             Ok(())
         }
-        "echo" => serve(&opt(rest, "--listen"), Upstream::Echo),
-        "speak-first-server" => serve(&opt(rest, "--listen"), Upstream::SpeakFirst),
-        "half-close-server" => serve(&opt(rest, "--listen"), Upstream::HalfClose),
-        "bulk" => check_bulk(addr(&opt(rest, "--connect")), num(rest, "--bytes", 4 << 20)),
-        "speak-first-client" => check_speak_first_client(addr(&opt(rest, "--connect"))),
-        "speak-first" => check_speak_first_server(addr(&opt(rest, "--connect"))),
-        "half-close" => check_half_close(addr(&opt(rest, "--connect"))),
-        "wrap" => wrap(rest),
-        _ => usage(),
+        Cli::Echo(l) => serve(&l.listen, Upstream::Echo),
+        Cli::SpeakFirstServer(l) => serve(&l.listen, Upstream::SpeakFirst),
+        Cli::HalfCloseServer(l) => serve(&l.listen, Upstream::HalfClose),
+        Cli::Bulk { connect, bytes } => check_bulk(connect, bytes),
+        Cli::SpeakFirstClient(c) => check_speak_first_client(c.connect),
+        Cli::SpeakFirst(c) => check_speak_first_server(c.connect),
+        Cli::HalfClose(c) => check_half_close(c.connect),
+        Cli::Wrap(w) => wrap(&w),
     };
     if let Err(e) = r {
         eprintln!("ambassador-testpeer: {e}");
         std::process::exit(1);
     }
-}
-
-pub(crate) fn usage() -> ! {
-    eprintln!(
-        "usage: ambassador-testpeer suite --ambassador PATH [--bytes N] [--storm N] [--cells a,b,..] [--guest]\n\
-         \x20      ambassador-testpeer probe\n\
-         \x20      ambassador-testpeer echo|speak-first-server|half-close-server --listen ADDR\n\
-         \x20      ambassador-testpeer bulk|speak-first|speak-first-client|half-close --connect ADDR [--bytes N]\n\
-         \x20      ambassador-testpeer wrap [--nonroot] [--seccomp|--seccomp-uring] -- CMD ARGS.."
-    );
-    std::process::exit(2)
-}
-
-pub(crate) fn opt(args: &[String], name: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| usage())
-}
-
-pub(crate) fn opt_or(args: &[String], name: &str, dflt: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| dflt.to_string())
-}
-
-pub(crate) fn num(args: &[String], name: &str, dflt: usize) -> usize {
-    opt_or(args, name, &dflt.to_string())
-        .parse()
-        .unwrap_or_else(|_| usage())
-}
-
-pub(crate) fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|_| usage())
 }
 
 pub(crate) type Res<T> = Result<T, String>;

@@ -293,12 +293,14 @@ pub(crate) fn stop(r: &mut Running) -> Option<ExitStatus> {
     None
 }
 
-pub(crate) fn suite(args: &[String]) -> Res<()> {
-    let bin = opt(args, "--ambassador");
-    let bytes = num(args, "--bytes", 4 << 20);
-    let storm = num(args, "--storm", 40);
-    let only = opt_or(args, "--cells", "");
-    let guest = args.iter().any(|a| a == "--guest");
+pub(crate) fn suite(args: &SuiteArgs) -> Res<()> {
+    let (bin, bytes, storm, only, guest) = (
+        args.ambassador.clone(),
+        args.bytes,
+        args.storm,
+        args.cells.as_str(),
+        args.guest,
+    );
     let echo = spawn_upstream(Upstream::Echo)?;
     let first = spawn_upstream(Upstream::SpeakFirst)?;
     let half = spawn_upstream(Upstream::HalfClose)?;

@@ -14,13 +14,13 @@
 //! 2. the app's exact sequence numbers are read with `TCP_REPAIR` (and
 //!    repair mode is left again without a window probe);
 //! 3. a raw socket sends one segment in the app's name that repeats the last
-//!    500 bytes of A and carries B after them;
+//!    40,000 bytes of A and carries B after them;
 //! 4. the app then sends B itself (TCP drops it as old, which keeps the
 //!    app's own sequence space in step) and C, and closes.
 //!
-//! The sink must get exactly A, B, C; the proxy must count the 500 bytes as
-//! cut and reset nothing. Before the cut existed the sink got the 500 bytes
-//! twice and the connection was reset by the integrity check.
+//! The sink must get exactly A, B, C; the proxy must count the 40,000 bytes
+//! as cut and reset nothing. Before the cut existed the repeated bytes went
+//! through twice and the integrity check reset the connection.
 
 mod support;
 
@@ -200,8 +200,9 @@ fn a_segment_repeating_spliced_bytes_is_cut_in_the_kernel() {
         return;
     }
     private_netns();
-    const REPEAT: usize = 500;
-    let (a, b, c) = (pattern(1, 1000), pattern(2, 2000), pattern(3, 3000));
+    // Ten 4,095-byte cuts and a remainder: the program's loop, not one call.
+    const REPEAT: usize = 40_000;
+    let (a, b, c) = (pattern(1, 50_000), pattern(2, 20_000), pattern(3, 3000));
 
     let sink = TcpListener::bind("127.0.0.1:0").unwrap();
     let sink_addr = sink.local_addr().unwrap();

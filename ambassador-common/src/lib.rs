@@ -32,6 +32,8 @@ pub const MAP_CTRL: &str = "CTRL";
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Size of `EVENTS` in bytes (a record is 16 bytes: 8 header + 8 cookie).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// The program's read-only global (`u8`): 1 = cut overlapping skbs.
+pub const GLOBAL_TRIM: &str = "TRIM";
 /// The verdict program's name in the object.
 pub const PROG_VERDICT: &str = "verdict";
 
@@ -59,7 +61,33 @@ pub struct DirStats {
     pub misses: u64,
     /// Zero-length skbs (a FIN) dropped rather than redirected.
     pub zero_len: u64,
+    /// Bytes cut from the head of skbs that overlapped bytes this socket
+    /// had already handed on (a partly old retransmission that TCP queued
+    /// whole; `tcp_read_skb` does not skip the overlap). See
+    /// docs/sockmap.md, "Overlapping skbs".
+    pub trimmed_bytes: u64,
+    /// skbs that were cut.
+    pub trimmed_segs: u64,
+    /// skbs whose sequence numbers did not follow the previous one (a gap,
+    /// an overlap larger than the cut can take, or an skb entirely old).
+    /// The program hands such an skb on unchanged; the engine treats any
+    /// anomaly as a broken stream and resets the connection.
+    pub seq_anomalies: u64,
+    /// `TCP_SKB_CB(skb)->end_seq` of the last skb seen: where the next one
+    /// must start. Meaningful while `seq_state == SEQ_TRACKING`.
+    pub next_seq: u32,
+    /// [`SEQ_UNKNOWN`], [`SEQ_TRACKING`] or [`SEQ_UNAVAILABLE`].
+    pub seq_state: u32,
 }
+
+/// `DirStats::seq_state`: no skb seen yet (the first one sets `next_seq`).
+pub const SEQ_UNKNOWN: u32 = 0;
+/// `DirStats::seq_state`: `next_seq` is valid; overlaps are cut.
+pub const SEQ_TRACKING: u32 = 1;
+/// `DirStats::seq_state`: an skb's sequence numbers could not be read or did
+/// not match its length (another kernel layout, or trimming disabled):
+/// nothing is cut on this socket; the conservation check still holds.
+pub const SEQ_UNAVAILABLE: u32 = 2;
 
 /// Controls for one direction, written by userspace, read by the program.
 ///

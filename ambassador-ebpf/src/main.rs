@@ -17,14 +17,21 @@
 //!    receive buffer, charged to it, so TCP flow control pushes back. The
 //!    first pass pushes the cookie to `EVENTS` to wake userspace.
 //! 4. otherwise redirect to `PEERS[cookie]` (egress, flags 0) and count.
+//!
+//! Before 3 and 4, an skb that starts before the end of the previous one
+//! (a partly old retransmission TCP queued whole: `tcp_read_skb` hands skbs
+//! over without skipping what was already consumed) is cut down to its new
+//! bytes, so they are never handed on twice. The cut happens last, after the
+//! verdict is decided, because each exit of the bounded cut loop makes the
+//! verifier walk whatever follows it. See docs/sockmap.md, "Overlapping skbs".
 #![no_std]
 #![no_main]
 
-use ambassador_common::{DirCtrl, DirStats};
+use ambassador_common::{DirCtrl, DirStats, SEQ_TRACKING, SEQ_UNAVAILABLE};
 use aya_ebpf::{
     EbpfContext,
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -36,6 +43,26 @@ const N: u32 = ambassador_common::DEFAULT_MAX_SOCKETS;
 /// `BPF_F_NO_PREALLOC`: the hash maps only hold live connections; don't
 /// reserve memory for the whole capacity up front.
 const NO_PREALLOC: u32 = 1;
+
+/// Set to 1 by the loader when it may read kernel memory (CAP_PERFMON or
+/// CAP_SYS_ADMIN): then overlapping skbs are cut. A read-only global, so the
+/// verifier sees the value and does not even check the branch it turns off
+/// (without the capability, `bpf_probe_read_kernel` would fail the load).
+#[unsafe(no_mangle)]
+static TRIM: u8 = 0;
+
+/// Offset of `cb` in `struct sk_buff` on 64-bit kernels (next, prev,
+/// dev = 24; sk = 8; tstamp = 8) since 4.x; `TCP_SKB_CB(skb)->seq` and
+/// `end_seq` are its first two `u32`. Checked on every skb: `end_seq - seq`
+/// must be the skb's length (+1 with a FIN), or the socket stops trimming.
+const SKB_CB: usize = 40;
+/// `bpf_skb_adjust_room` removes at most 4,095 bytes a call.
+const CUT_STEP: u32 = 4095;
+/// Calls per skb: 96 x 4,095 = 393,120 bytes. A spurious loss probe resends
+/// one segment (up to 64 KiB on loopback), but the socket backlog can merge
+/// several before the skb reaches us (overlaps of 255,735 bytes were seen).
+/// A larger overlap is an anomaly.
+const CUT_CALLS: u32 = 96;
 
 /// Source cookie -> destination socket. No program attached.
 #[map(name = "PEERS")]
@@ -59,7 +86,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(ambassador_common::EVENTS_BYTES
 
 #[stream_verdict]
 pub fn verdict(ctx: SkBuffContext) -> u32 {
-    let len = u64::from(ctx.len());
+    let len = ctx.len();
     // Safety: the helper only reads the skb the kernel handed us.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(stats) = STATS.get_ptr_mut(cookie) else {
@@ -73,30 +100,112 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
         stats.zero_len += 1;
         return SK_DROP;
     }
+    // Safety: a volatile read of our own read-only global.
+    let cut = if unsafe { core::ptr::read_volatile(&TRIM) } == 1 {
+        overlap(&ctx, stats, len)
+    } else {
+        0
+    };
+    let keep = u64::from(len - cut);
+    let action = decide(&ctx, stats, &mut cookie, keep);
+    if cut == 0 {
+        return action;
+    }
+    if trim(&ctx, cut) {
+        stats.trimmed_bytes += u64::from(cut);
+        stats.trimmed_segs += 1;
+        action
+    } else {
+        // Partly cut: neither copy of the bytes is right. Drop and count it
+        // as a miss, which makes the engine reset the connection.
+        stats.misses += 1;
+        SK_DROP
+    }
+}
+
+/// Steps 3 and 4 for an skb that will carry `keep` bytes: pass or redirect.
+fn decide(ctx: &SkBuffContext, stats: &mut DirStats, cookie: &mut u64, keep: u64) -> u32 {
     // Safety: read-only view of a map value, valid for this run.
-    let Some(ctrl) = (unsafe { CTRL.get(cookie) }) else {
-        stats.passed_bytes += len;
+    let Some(ctrl) = (unsafe { CTRL.get(*cookie) }) else {
+        stats.passed_bytes += keep;
         return SK_PASS;
     };
-    if stats.passed_bytes != ctrl.forwarded || stats.redirected_bytes + len > ctrl.limit {
+    if stats.passed_bytes != ctrl.forwarded || stats.redirected_bytes + keep > ctrl.limit {
         if stats.passed_bytes == ctrl.forwarded {
             // First pass after redirecting: tell userspace. (If the ring is
             // full the event is lost; userspace also checks on a slow tick.)
-            let _ = EVENTS.output::<u64>(&cookie, 0);
+            let _ = EVENTS.output::<u64>(cookie, 0);
         }
-        stats.passed_bytes += len;
+        stats.passed_bytes += keep;
         return SK_PASS;
     }
     // Returns SK_PASS when the skb was handed to the peer, SK_DROP when the
-    // key is missing (then the bytes are gone, so count it loudly).
-    if PEERS.redirect_skb(&ctx, &mut cookie, 0) == SK_PASS as i64 {
-        stats.redirected_bytes += len;
+    // key is missing (then the bytes are gone, so count it loudly). It only
+    // records the target: the skb moves after the program returns, so a cut
+    // made after this call is what the peer gets.
+    if PEERS.redirect_skb(ctx, cookie, 0) == SK_PASS as i64 {
+        stats.redirected_bytes += keep;
         stats.redirected_segs += 1;
         SK_PASS
     } else {
         stats.misses += 1;
         SK_DROP
     }
+}
+
+/// How many bytes at the head of this skb were already handed on: the
+/// distance from its `seq` back to where the previous skb ended. Keeps
+/// `next_seq` up to date. 0 when nothing overlaps or it cannot tell.
+fn overlap(ctx: &SkBuffContext, stats: &mut DirStats, len: u32) -> u32 {
+    if stats.seq_state == SEQ_UNAVAILABLE {
+        return 0;
+    }
+    let cb = (ctx.as_ptr() as *const u8).wrapping_add(SKB_CB) as *const [u32; 2];
+    // Safety: reads 8 bytes of the skb the kernel handed us; a failed read
+    // is an error value, never a fault.
+    let Ok([seq, end_seq]) = (unsafe { bpf_probe_read_kernel(cb) }) else {
+        stats.seq_state = SEQ_UNAVAILABLE;
+        return 0;
+    };
+    let span = end_seq.wrapping_sub(seq);
+    if span != len && span != len + 1 {
+        stats.seq_state = SEQ_UNAVAILABLE;
+        return 0;
+    }
+    let tracking = stats.seq_state == SEQ_TRACKING;
+    let expected = stats.next_seq;
+    stats.next_seq = end_seq;
+    stats.seq_state = SEQ_TRACKING;
+    if !tracking {
+        return 0;
+    }
+    let behind = expected.wrapping_sub(seq);
+    if behind == 0 {
+        return 0;
+    }
+    // Ahead of `expected` (a gap, "negative" in sequence space), entirely
+    // old, or more than the cut can take: hand it on unchanged and flag it.
+    if behind > u32::MAX / 2 || behind >= len || behind > CUT_STEP * CUT_CALLS {
+        stats.seq_anomalies += 1;
+        return 0;
+    }
+    behind
+}
+
+/// Remove `cut` bytes (at most `CUT_STEP * CUT_CALLS`) from the head.
+fn trim(ctx: &SkBuffContext, cut: u32) -> bool {
+    let mut left = cut;
+    for _ in 0..CUT_CALLS + 1 {
+        if left == 0 {
+            return true;
+        }
+        let step = if left > CUT_STEP { CUT_STEP } else { left };
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return false;
+        }
+        left -= step;
+    }
+    left == 0
 }
 
 #[cfg(not(test))]

@@ -19,7 +19,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use ambassador_common::{
-    DirCtrl, DirStats, MAP_CTRL, MAP_EVENTS, MAP_PEERS, MAP_STATS, MAP_VERDICT, PROG_VERDICT,
+    DirCtrl, DirStats, GLOBAL_TRIM, MAP_CTRL, MAP_EVENTS, MAP_PEERS, MAP_STATS, MAP_VERDICT,
+    PROG_VERDICT, SEQ_TRACKING,
 };
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use aya::programs::SkSkb;
@@ -28,6 +29,15 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 /// The committed object, rebuilt by `cargo xtask build-ebpf`. Embedding it
 /// means a stable `cargo build` never needs the BPF toolchain.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/ambassador.bpf.o");
+
+/// CAP_PERFMON, or CAP_SYS_ADMIN which implies it: what the verifier asks
+/// of a program that calls `bpf_probe_read_kernel`.
+fn perfmon_capable() -> bool {
+    use caps::{CapSet, Capability, has_cap};
+    [Capability::CAP_PERFMON, Capability::CAP_SYS_ADMIN]
+        .into_iter()
+        .any(|c| has_cap(None, CapSet::Effective, c).unwrap_or(false))
+}
 
 /// Oldest kernel with verdict-only sk_skb mode (no stream parser). Whether a
 /// kernel also carries the fixes we rely on (the 6.4-rc4 sockmap series for
@@ -46,6 +56,8 @@ pub struct Splicer {
     events: Option<RingBuf<MapData>>,
     /// Sockets each map holds at most (two per spliced connection).
     capacity: u32,
+    /// Whether the program cuts overlapping skbs (see [`Splicer::trims`]).
+    trim: Result<(), String>,
     /// Keeps the program and its link to `VERDICT` alive. Dropping it
     /// detaches the program; sockets already inserted keep their verdict.
     _ebpf: Ebpf,
@@ -103,7 +115,17 @@ impl Splicer {
     /// Load the embedded object, create the maps (`max_sockets` entries
     /// each), load the verdict program and attach it to `VERDICT`.
     pub fn load(max_sockets: u32) -> Result<Self, String> {
+        // Cutting overlapping skbs reads the skb's sequence numbers with
+        // `bpf_probe_read_kernel`, which the verifier allows only with
+        // CAP_PERFMON (or CAP_SYS_ADMIN). Without it the program is loaded
+        // with the cut turned off, and the engine says so.
+        let trim = if perfmon_capable() {
+            Ok(())
+        } else {
+            Err("needs CAP_PERFMON or CAP_SYS_ADMIN at start-up".to_string())
+        };
         let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_TRIM, &u8::from(trim.is_ok()), true)
             .map_max_entries(MAP_PEERS, max_sockets)
             .map_max_entries(MAP_VERDICT, max_sockets)
             .map_max_entries(MAP_STATS, max_sockets)
@@ -144,6 +166,7 @@ impl Splicer {
             ctrl,
             events: Some(events),
             capacity: max_sockets,
+            trim,
             _ebpf: ebpf,
         })
     }
@@ -157,6 +180,13 @@ impl Splicer {
     /// Sockets each map can hold (two per connection).
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// `Ok` when the program cuts skbs that overlap bytes already handed on
+    /// (proved by the self-test), else why not. Without the cut such an skb
+    /// is still caught by the engine's conservation check (a reset).
+    pub fn trims(&self) -> Result<(), &str> {
+        self.trim.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
     /// Splice `a` and `b`: counters and budget first, then `PEERS` (both
@@ -271,6 +301,18 @@ impl Splicer {
                             before accept\")"
                         .into(),
                 );
+            }
+            if self.trim.is_ok() {
+                // The byte went through `overlap()`: its sequence numbers
+                // must have been readable and consistent.
+                let st = self.stats(sa.cookie).map_err(io("STATS"))?;
+                if st.seq_state != SEQ_TRACKING {
+                    self.trim = Err(format!(
+                        "this kernel's skb layout is not the one the program reads \
+                         (seq_state {})",
+                        st.seq_state
+                    ));
+                }
             }
             app.shutdown(Shutdown::Write).map_err(io("shutdown"))?;
             // The FIN reaches `a`; then the reverse direction must still work.

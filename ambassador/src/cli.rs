@@ -25,11 +25,14 @@ use std::time::Duration;
                   (listens on 6379, the port in the variable's name, and forwards to 10.0.0.2:6379)\n\n\
                   Discovery: --forward 7000=etcd://127.0.0.1:2379/db takes the backends of service db\n\
                   from etcd; ambassador register --etcd URL --service NAME --address HOST:PORT [--ttl 10s]\n\
-                  registers one (see ambassador register --help)."
+                  registers one (see ambassador register --help).\n\
+                  --docker --forward 7000=docker://db follows the running containers labelled\n\
+                  ambassador.service=db and ambassador.port=PORT."
 )]
 pub struct Cli {
-    /// Forward: [LISTEN_ADDR:]PORT=HOST:PORT[,HOST:PORT…] or
-    /// [LISTEN_ADDR:]PORT=etcd://HOST:PORT/SERVICE (repeatable). IPv6 in brackets.
+    /// Forward: [LISTEN_ADDR:]PORT=HOST:PORT[,HOST:PORT…],
+    /// [LISTEN_ADDR:]PORT=etcd://HOST:PORT/SERVICE or
+    /// [LISTEN_ADDR:]PORT=docker://SERVICE (repeatable). IPv6 in brackets.
     #[arg(long = "forward", short = 'f', value_name = "[ADDR:]PORT=HOST:PORT")]
     pub forwards: Vec<String>,
 
@@ -53,6 +56,26 @@ pub struct Cli {
     /// has no backend until etcd answers (default: exit 2).
     #[arg(long)]
     pub etcd_start_empty: bool,
+
+    /// TLS to etcd: the CA of etcd's certificate (PEM); turns on https for
+    /// every etcd forward.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<String>,
+
+    /// TLS to etcd: this client's certificate (PEM), with --etcd-key.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cert: Option<String>,
+
+    /// TLS to etcd: this client's private key (PEM), with --etcd-cert.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key: Option<String>,
+
+    /// Follow Docker through this socket: docker://SERVICE forwards take the
+    /// running containers labelled ambassador.service=SERVICE and
+    /// ambassador.port=PORT.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1,
+          default_missing_value = crate::discovery::docker::DEFAULT_SOCKET)]
+    pub docker: Option<String>,
 
     /// Do not set TCP_NODELAY on the sockets.
     #[arg(long)]
@@ -215,6 +238,7 @@ impl Cli {
             }
             return Err(ConfigError(msg));
         }
+        self.complete_discovery(&mut forwards, file.as_ref())?;
         check_overlaps(&forwards)?;
         let mut settings = Settings {
             forwards,
@@ -239,6 +263,61 @@ impl Cli {
 }
 
 impl Cli {
+    /// The discovery settings no URL carries (`--docker`, `--etcd-ca` …, or
+    /// the file's `docker`, `etcd_*` keys; a flag wins), checked and given
+    /// to every discovery forward.
+    fn complete_discovery(
+        &self,
+        forwards: &mut [Forward],
+        file: Option<&FileConfig>,
+    ) -> Result<(), ConfigError> {
+        let g = file.map(|f| &f.globals);
+        let cfg = self.config.as_deref().unwrap_or("");
+        let pick = |flag: &'static str, v: &Option<String>, fv: Option<&Option<String>>| match (
+            v,
+            fv.and_then(|f| f.as_ref()),
+        ) {
+            (Some(v), _) => (flag.to_string(), Some(v.clone())),
+            (None, Some(f)) => (
+                format!("--config {cfg}: {}", &flag[2..].replace('-', "_")),
+                Some(f.clone()),
+            ),
+            (None, None) => (flag.to_string(), None),
+        };
+        let ca = pick("--etcd-ca", &self.etcd_ca, g.map(|g| &g.etcd_ca));
+        let cert = pick("--etcd-cert", &self.etcd_cert, g.map(|g| &g.etcd_cert));
+        let key = pick("--etcd-key", &self.etcd_key, g.map(|g| &g.etcd_key));
+        let tls = crate::discovery::tls::Tls::new(
+            crate::discovery::tls::Opt {
+                flag: &ca.0,
+                value: ca.1.as_deref(),
+            },
+            crate::discovery::tls::Opt {
+                flag: &cert.0,
+                value: cert.1.as_deref(),
+            },
+            crate::discovery::tls::Opt {
+                flag: &key.0,
+                value: key.1.as_deref(),
+            },
+        )
+        .map_err(ConfigError)?;
+        let docker = match &self.docker {
+            Some(s) if s.is_empty() => {
+                return Err(ConfigError("--docker: the socket path is empty".into()));
+            }
+            Some(s) => Some(s.clone()),
+            None => g.and_then(|g| g.docker.clone()),
+        };
+        for f in forwards {
+            if let Some(d) = &mut f.discovery {
+                d.complete(docker.as_deref(), tls.as_ref())
+                    .map_err(|e| ConfigError(format!("{}: {e}", f.source)))?;
+            }
+        }
+        Ok(())
+    }
+
     /// `--metrics` (loopback only unless `--metrics-public`).
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         crate::http::metrics_addr(self.metrics.as_deref(), self.metrics_public).map_err(ConfigError)
@@ -393,7 +472,8 @@ fn forward_flag(f: &str, pool: &PoolConfig) -> Result<Forward, ConfigError> {
     let (listen, target, discovery) = if Discovery::is_url(t) {
         // The message names the listen side only: the URL could hold a
         // password (refused, and never repeated).
-        let err = |e: String| ConfigError(format!("--forward {l}=etcd://…: {e}"));
+        let scheme = t.split_once("://").map_or("etcd", |(s, _)| s);
+        let err = |e: String| ConfigError(format!("--forward {l}={scheme}://…: {e}"));
         let d = Discovery::parse(t).map_err(err)?;
         (
             parse::listen(l).map_err(err)?,

@@ -23,9 +23,20 @@
 //! (a watcher on its own thread, which sends each new backend set to the
 //! server's runtime; the server applies it like a reload that changed the
 //! forward's backends) and `discovery/register.rs`.
+//!
+//! A forward can also follow Docker instead (`docker://SERVICE`, with
+//! `--docker [SOCKET]`): running containers labelled
+//! `ambassador.service=SERVICE` and `ambassador.port=PORT` are its
+//! backends. The decisions are in [`containers`], the I/O in
+//! `discovery/docker.rs`; both send the same [`etcd::Update`] to the
+//! server, so a Docker forward is reloaded, drained and logged like an
+//! etcd one. TLS to etcd (client certificates) is [`tls`].
 
+pub mod containers;
+pub mod docker;
 pub mod etcd;
 pub mod register;
+pub mod tls;
 
 use crate::config::{Target, parse};
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,25 +56,59 @@ pub fn key(service: &str, address: &Target) -> String {
     format!("{}{address}", prefix(service))
 }
 
-/// A forward's etcd source: `etcd://HOST:PORT[,HOST:PORT…]/SERVICE`.
+/// Where a forward's backends come from.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Kind {
+    /// etcd; `tls`: the client certificate settings (`--etcd-ca` …), if any.
+    #[default]
+    Etcd,
+    /// Docker's events, through the socket in `endpoints[0]` (`--docker`).
+    Docker,
+}
+
+/// A forward's discovery source: `etcd://HOST:PORT[,HOST:PORT…]/SERVICE`
+/// or `docker://SERVICE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Discovery {
     /// As written (no credentials can be in it: they are refused).
     pub url: String,
-    /// The etcd client URLs to dial: `http://HOST:PORT`.
+    /// etcd: the client URLs to dial (`http://HOST:PORT`, `https://` with
+    /// TLS). Docker: the socket's path (filled from `--docker`).
     pub endpoints: Vec<String>,
     pub service: String,
+    pub kind: Kind,
+    /// etcd over TLS: the files (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub tls: Option<tls::Tls>,
 }
 
 impl Discovery {
-    /// Is this backend spec an etcd source (rather than `HOST:PORT`)?
+    /// Is this backend spec a discovery source (rather than `HOST:PORT`)?
     pub fn is_url(s: &str) -> bool {
-        s.starts_with("etcd://")
+        s.starts_with("etcd://") || s.starts_with("docker://")
     }
 
-    /// `etcd://HOST:PORT[,HOST:PORT…]/SERVICE`. The message never repeats
-    /// the URL (the caller names the flag or key it came from).
+    /// `etcd` or `docker`, for log lines.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Etcd => "etcd",
+            Kind::Docker => "docker",
+        }
+    }
+
+    /// `etcd://HOST:PORT[,HOST:PORT…]/SERVICE` or `docker://SERVICE`. The
+    /// message never repeats the URL (the caller names the flag or key it
+    /// came from).
     pub fn parse(s: &str) -> Result<Discovery, String> {
+        if let Some(service) = s.strip_prefix("docker://") {
+            service_name(service)?;
+            return Ok(Discovery {
+                url: s.to_string(),
+                endpoints: Vec::new(),
+                service: service.to_string(),
+                kind: Kind::Docker,
+                tls: None,
+            });
+        }
         let rest = s
             .strip_prefix("etcd://")
             .ok_or("expected etcd://HOST:PORT/SERVICE")?;
@@ -79,7 +124,28 @@ impl Discovery {
             url: s.to_string(),
             endpoints,
             service: service.to_string(),
+            kind: Kind::Etcd,
+            tls: None,
         })
+    }
+
+    /// Fill in the global settings a URL does not carry: the Docker socket
+    /// (`--docker`), or etcd's TLS files (then every endpoint is dialled
+    /// with `https://`). The error names what is missing.
+    pub fn complete(&mut self, docker: Option<&str>, tls: Option<&tls::Tls>) -> Result<(), String> {
+        match self.kind {
+            Kind::Docker => {
+                let socket = docker.ok_or(
+                    "docker:// needs --docker [SOCKET] (or `docker = \"SOCKET\"` in the config file)",
+                )?;
+                self.endpoints = vec![socket.to_string()];
+            }
+            Kind::Etcd => {
+                self.tls = tls.cloned();
+                self.endpoints = with_scheme(&self.endpoints, tls.is_some())?;
+            }
+        }
+        Ok(())
     }
 
     pub fn prefix(&self) -> String {
@@ -87,8 +153,9 @@ impl Discovery {
     }
 }
 
-/// `HOST:PORT[,HOST:PORT…]` (optionally `http://` or `etcd://` before
-/// each) → the URLs to dial. TLS is not supported yet.
+/// `HOST:PORT[,HOST:PORT…]` (optionally `http://`, `https://` or
+/// `etcd://` before each) → the URLs to dial. `https://` is checked
+/// against the TLS settings by [`with_scheme`].
 pub fn endpoints(s: &str) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     for part in s.split(',') {
@@ -96,18 +163,36 @@ pub fn endpoints(s: &str) -> Result<Vec<String>, String> {
         if part.contains('@') {
             return Err("credentials in the etcd URL are not supported".into());
         }
-        if part.starts_with("https://") {
-            return Err("https (TLS) etcd endpoints are not supported yet".into());
-        }
-        let hp = part
+        let (scheme, rest) = match part.strip_prefix("https://") {
+            Some(r) => ("https", r),
+            None => ("http", part),
+        };
+        let hp = rest
             .strip_prefix("http://")
-            .or_else(|| part.strip_prefix("etcd://"))
-            .unwrap_or(part)
+            .or_else(|| rest.strip_prefix("etcd://"))
+            .unwrap_or(rest)
             .trim_end_matches('/');
         let t = parse::target(hp).map_err(|e| format!("etcd endpoint: {e}"))?;
-        out.push(format!("http://{t}"));
+        out.push(format!("{scheme}://{t}"));
     }
     Ok(out)
+}
+
+/// The endpoints to dial: with TLS settings every one is `https://`;
+/// without, an `https://` endpoint is an error (no CA to check etcd's
+/// certificate against: the binary carries no root store).
+pub fn with_scheme(endpoints: &[String], tls: bool) -> Result<Vec<String>, String> {
+    endpoints
+        .iter()
+        .map(|e| match (e.strip_prefix("https://"), tls) {
+            (Some(_), false) => Err(
+                "an https:// etcd endpoint needs --etcd-ca (the CA of etcd's certificate)".into(),
+            ),
+            (Some(_), true) => Ok(e.clone()),
+            (None, false) => Ok(e.clone()),
+            (None, true) => Ok(format!("https://{}", e.trim_start_matches("http://"))),
+        })
+        .collect()
 }
 
 /// A service name: letters, digits, `.`, `_`, `-` (it is a key segment).
@@ -267,7 +352,20 @@ mod tests {
         assert!(Discovery::is_url("etcd://x"));
         assert!(!Discovery::is_url("db:6379"));
         assert_eq!(endpoints("http://h:1/").unwrap(), ["http://h:1"]);
-        assert!(endpoints("https://h:1").is_err());
+        assert_eq!(endpoints("https://h:1").unwrap(), ["https://h:1"]);
+        assert!(with_scheme(&endpoints("https://h:1").unwrap(), false).is_err());
+        assert_eq!(
+            with_scheme(&endpoints("h:1,https://h:2").unwrap(), true).unwrap(),
+            ["https://h:1", "https://h:2"]
+        );
+        let d = Discovery::parse("docker://db").unwrap();
+        assert_eq!((d.kind.clone(), d.service.as_str()), (Kind::Docker, "db"));
+        assert!(Discovery::parse("docker://").is_err());
+        assert!(Discovery::parse("docker://a/b").is_err());
+        let mut d2 = d.clone();
+        assert!(d2.complete(None, None).unwrap_err().contains("--docker"));
+        d2.complete(Some("/run/d.sock"), None).unwrap();
+        assert_eq!(d2.endpoints, ["/run/d.sock"]);
     }
 
     #[test]

@@ -217,6 +217,14 @@ pub fn render(forwards: &[ForwardEntry], engine: Option<&str>) -> String {
         ),
         (
             f.counter(
+                "ambassador_splice_trimmed_bytes_total",
+                "Repeated bytes the sockmap program cut from partly old retransmissions.",
+                &fw,
+            ),
+            |s| &s.spliced_trimmed,
+        ),
+        (
+            f.counter(
                 "ambassador_errors_total",
                 "Connections that ended in an error (no backend, reset, timeout).",
                 &fw,

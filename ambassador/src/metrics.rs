@@ -27,6 +27,10 @@ pub struct ForwardStats {
     /// conservation (bytes duplicated, lost or sent after leaving the
     /// kernel): the last line of defence, never expected.
     pub integrity_resets: AtomicU64,
+    /// Bytes the sockmap program cut from skbs that repeated bytes it had
+    /// already handed on (partly old retransmissions; docs/sockmap.md,
+    /// "Overlapping skbs"). Each is a duplicate that never reached the peer.
+    pub spliced_trimmed: AtomicU64,
     /// Connections the sockmap engine handed to the userspace path instead
     /// (map full, insert refused, policy).
     pub splice_fallbacks: AtomicU64,
@@ -50,6 +54,7 @@ impl ForwardStats {
             spliced_to_upstream = g(&self.spliced_to_upstream),
             spliced_to_client = g(&self.spliced_to_client),
             integrity_resets = g(&self.integrity_resets),
+            spliced_trimmed = g(&self.spliced_trimmed),
             splice_fallbacks = g(&self.splice_fallbacks),
             "stats"
         );

@@ -315,13 +315,14 @@ impl Live {
         *r.fwd.current.borrow_mut() = current;
         let n = u.backends.len();
         let backends = Backends(u.backends);
+        let kind = forward.discovery.as_ref().map_or("etcd", |d| d.kind_name());
         match n {
             0 => tracing::warn!(forward = %forward.source, listen = %forward.listen,
-                etcd = %forward.target_display(),
-                "etcd backends changed: none registered, new clients are closed"),
+                source = %forward.target_display(),
+                "{kind} backends changed: none registered, new clients are closed"),
             _ => tracing::info!(forward = %forward.source, listen = %forward.listen,
                 backends = %backends, count = n,
-                "etcd backends changed: new connections use the new set"),
+                "{kind} backends changed: new connections use the new set"),
         }
     }
 

@@ -52,6 +52,10 @@ struct FileDoc {
     drain_timeout: Option<Spanned<String>>,
     balance: Option<Spanned<String>>,
     health: Option<HealthDoc>,
+    docker: Option<Spanned<String>>,
+    etcd_ca: Option<Spanned<String>>,
+    etcd_cert: Option<Spanned<String>>,
+    etcd_key: Option<Spanned<String>>,
     #[serde(default)]
     forward: Vec<Spanned<ForwardDoc>>,
 }
@@ -115,6 +119,13 @@ pub struct Globals {
     pub max_conns: Option<usize>,
     pub drain_timeout: Option<Duration>,
     pub pool: PoolOverride,
+    /// `docker = "SOCKET"`: the socket `docker://` forwards follow.
+    pub docker: Option<String>,
+    /// `etcd_ca`, `etcd_cert`, `etcd_key`: TLS to etcd (paths, as written;
+    /// checked with the flags, see `discovery::tls`).
+    pub etcd_ca: Option<String>,
+    pub etcd_cert: Option<String>,
+    pub etcd_key: Option<String>,
 }
 
 /// A forward from the file and its own balancing/health settings.
@@ -249,8 +260,17 @@ pub fn parse_str(file: &str, text: &str) -> Result<FileConfig, String> {
     let mut g = Globals {
         nodelay: doc.nodelay,
         max_conns: doc.max_conns,
+        etcd_ca: doc.etcd_ca.as_ref().map(|v| v.get_ref().clone()),
+        etcd_cert: doc.etcd_cert.as_ref().map(|v| v.get_ref().clone()),
+        etcd_key: doc.etcd_key.as_ref().map(|v| v.get_ref().clone()),
         ..Globals::default()
     };
+    if let Some(v) = &doc.docker {
+        if v.get_ref().is_empty() {
+            return Err(at.err(&v.span(), "docker", "the socket path is empty"));
+        }
+        g.docker = Some(v.get_ref().clone());
+    }
     if let Some(v) = &doc.mode {
         g.mode = Some(at.enum_value("mode", v)?);
     }
@@ -306,7 +326,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<FileConfig, String> {
                     return Err(at.err(
                         &b.span(),
                         &k,
-                        "an etcd:// source must be the only backend",
+                        "an etcd:// or docker:// source must be the only backend",
                     ));
                 }
                 discovery =

@@ -24,7 +24,8 @@
 //! instead of a forward that silently has no backend (unless
 //! `--etcd-start-empty`). A reload that adds an etcd forward does not wait.
 
-use super::{Backoff, Discovery, Link, View};
+use super::tls::Tls;
+use super::{Backoff, Discovery, Kind, Link, View};
 use crate::config::{Forward, Target};
 use etcdv3client::grpc::TonicClient;
 use etcdv3client::pb;
@@ -57,8 +58,10 @@ pub struct Watcher {
 }
 
 /// Connect to the first endpoint that answers within [`CALL_TIMEOUT`].
-/// HTTP/2 keep-alive pings notice an etcd that went silent.
-pub async fn connect(endpoints: &[String]) -> Result<Client, String> {
+/// HTTP/2 keep-alive pings notice an etcd that went silent. With `tls`
+/// (`--etcd-ca` …) the files are read now and the endpoints are `https://`.
+pub async fn connect(endpoints: &[String], tls: Option<&Tls>) -> Result<Client, String> {
+    let tls = tls.map(Tls::client_config).transpose()?;
     let mut last = String::from("no endpoint");
     for ep in endpoints {
         let endpoint = match tonic::transport::Endpoint::from_shared(ep.clone()) {
@@ -71,6 +74,16 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, String> {
                 last = e.to_string();
                 continue;
             }
+        };
+        let endpoint = match &tls {
+            Some(t) => match endpoint.tls_config(t.clone()) {
+                Ok(e) => e,
+                Err(e) => {
+                    last = format!("{ep}: TLS settings: {}", error_chain(&e));
+                    continue;
+                }
+            },
+            None => endpoint,
         };
         match endpoint.connect().await {
             Ok(channel) => {
@@ -158,11 +171,21 @@ impl Feeds {
         let mut feeds = Feeds::none();
         for f in forwards {
             if let Some(d) = &f.discovery {
+                // A Docker forward always waits: a socket that is not there
+                // at start is a bad --docker (one line, exit 2).
+                let wait = wait || d.kind == Kind::Docker;
                 let started = feeds.starter.start(d, f.listen, wait).map_err(|e| {
-                    match f.source.contains(&d.url) {
+                    match (&d.kind, f.source.contains(&d.url)) {
+                        (Kind::Docker, _) => format!(
+                            "{}: cannot reach docker at {}: {e}",
+                            f.source,
+                            d.endpoints.join(",")
+                        ),
                         // A flag's source shows the URL already; a file's does not.
-                        true => format!("{}: cannot reach etcd: {e}", f.source),
-                        false => format!("{}: cannot reach etcd at {}: {e}", f.source, d.url),
+                        (Kind::Etcd, true) => format!("{}: cannot reach etcd: {e}", f.source),
+                        (Kind::Etcd, false) => {
+                            format!("{}: cannot reach etcd at {}: {e}", f.source, d.url)
+                        }
                     }
                 })?;
                 feeds.started.insert(f.listen, started);
@@ -203,6 +226,7 @@ fn spawn(
     let watch_from = std::env::var("AMBASSADOR_ETCD_TEST_WATCH_FROM")
         .ok()
         .and_then(|v| v.parse().ok());
+    let kind = d.kind.clone();
     let job = Job {
         d: d.clone(),
         listen,
@@ -211,31 +235,45 @@ fn spawn(
         watch_from: std::cell::Cell::new(watch_from),
     };
     std::thread::Builder::new()
-        .name(format!("etcd {listen}"))
+        .name(format!("{} {listen}", d.kind_name()))
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
             match rt {
                 Ok(rt) => rt.block_on(async move {
+                    let work = async move {
+                        match kind {
+                            Kind::Etcd => job.run(first).await,
+                            Kind::Docker => {
+                                let job = super::docker::Job {
+                                    d: job.d,
+                                    listen: job.listen,
+                                    id: job.id,
+                                    tx: job.tx,
+                                };
+                                job.run(first).await
+                            }
+                        }
+                    };
                     tokio::select! {
-                        () = job.run(first) => {}
+                        () = work => {}
                         _ = stop_rx => {}
                     }
                 }),
                 Err(e) => {
                     if let Some(f) = first {
-                        let _ = f.send(Err(format!("cannot start the etcd runtime: {e}")));
+                        let _ = f.send(Err(format!("cannot start the discovery runtime: {e}")));
                     }
                 }
             }
         })
-        .map_err(|e| format!("cannot start the etcd thread: {e}"))?;
+        .map_err(|e| format!("cannot start the discovery thread: {e}"))?;
     let initial = if wait {
         match first_rx.recv() {
             Ok(Ok(set)) => set,
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err("the etcd watcher ended before its first read".into()),
+            Err(_) => return Err("the watcher ended before its first read".into()),
         }
     } else {
         Vec::new()
@@ -259,7 +297,7 @@ struct Job {
 }
 
 /// The first read's result, for [`Starter::start`] with `wait`.
-type First = std::sync::mpsc::Sender<Result<Vec<Target>, String>>;
+pub type First = std::sync::mpsc::Sender<Result<Vec<Target>, String>>;
 
 /// How a session ended.
 enum End {
@@ -319,7 +357,7 @@ impl Job {
         backoff: &mut Backoff,
     ) -> End {
         let prefix = self.d.prefix();
-        let mut client = match connect(&self.d.endpoints).await {
+        let mut client = match connect(&self.d.endpoints, self.d.tls.as_ref()).await {
             Ok(c) => c,
             Err(e) => return End::Lost(e),
         };

@@ -23,7 +23,8 @@
 //! at start is one line naming it, exit 2 too (as for a forward).
 
 use super::etcd::{Client, connect, timed};
-use super::{Backoff, Link, endpoints, key, service_name};
+use super::tls::{Opt, Tls};
+use super::{Backoff, Link, endpoints, key, service_name, with_scheme};
 use crate::config::{Target, parse};
 use clap::Parser;
 use std::time::Duration;
@@ -47,6 +48,15 @@ struct Args {
     /// The lease's time to live: how long the key outlives a dead process.
     #[arg(long, default_value = "10s", value_name = "DUR")]
     ttl: String,
+    /// TLS: the CA of etcd's certificate (PEM); turns on https.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<String>,
+    /// TLS: this client's certificate (PEM), with --etcd-key.
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<String>,
+    /// TLS: this client's private key (PEM), with --etcd-cert.
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<String>,
 }
 
 /// What to register, checked.
@@ -57,6 +67,8 @@ pub struct Registration {
     pub address: Target,
     /// Whole seconds (etcd's unit), at least 1.
     pub ttl: i64,
+    /// TLS files (`--etcd-ca` …), if any.
+    pub tls: Option<Tls>,
 }
 
 impl Registration {
@@ -72,7 +84,23 @@ fn check(a: &Args) -> Result<Registration, String> {
             .ok_or_else(|| format!("{flag}: missing (required)"))
     };
     let etcd = need(&a.etcd, "--etcd")?;
-    let endpoints = endpoints(&etcd).map_err(|e| format!("--etcd: {e}"))?;
+    let tls = Tls::new(
+        Opt {
+            flag: "--etcd-ca",
+            value: a.etcd_ca.as_deref(),
+        },
+        Opt {
+            flag: "--etcd-cert",
+            value: a.etcd_cert.as_deref(),
+        },
+        Opt {
+            flag: "--etcd-key",
+            value: a.etcd_key.as_deref(),
+        },
+    )?;
+    let endpoints = endpoints(&etcd)
+        .and_then(|e| with_scheme(&e, tls.is_some()))
+        .map_err(|e| format!("--etcd: {e}"))?;
     let service = need(&a.service, "--service")?;
     service_name(&service).map_err(|e| format!("--service: {e}"))?;
     let address = need(&a.address, "--address")?;
@@ -88,6 +116,7 @@ fn check(a: &Args) -> Result<Registration, String> {
         service,
         address,
         ttl,
+        tls,
     })
 }
 
@@ -190,7 +219,7 @@ async fn run(r: Registration) -> u8 {
 
 /// Connect, grant a lease, put the key under it.
 async fn grant_and_put(r: &Registration) -> Result<(Client, i64), String> {
-    let mut client = connect(&r.endpoints).await?;
+    let mut client = connect(&r.endpoints, r.tls.as_ref()).await?;
     let lease = timed("granting a lease", client.lease.grant(r.ttl))
         .await?
         .id;
@@ -209,7 +238,7 @@ async fn put(client: &mut Client, r: &Registration, lease: i64) -> Result<(), St
 /// After a lost connection: keep `lease` if etcd still has it (and put the
 /// key again, in case it was deleted by hand), else a new lease.
 async fn reconnect(r: &Registration, lease: i64) -> Result<(Client, i64), String> {
-    let mut client = connect(&r.endpoints).await?;
+    let mut client = connect(&r.endpoints, r.tls.as_ref()).await?;
     let ttl = timed(
         "asking the lease's TTL",
         client.lease.get_lease_info(lease, false),
@@ -270,6 +299,9 @@ mod tests {
             service: some(service),
             address: some(address),
             ttl: ttl.into(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
         }
     }
 
@@ -278,6 +310,23 @@ mod tests {
         let r = check(&args("127.0.0.1:2379", "db", "10.0.0.2:6379", "10s")).unwrap();
         assert_eq!(r.endpoints, ["http://127.0.0.1:2379"]);
         assert_eq!(r.ttl, 10);
+        let e = check(&args(
+            "https://127.0.0.1:2379",
+            "db",
+            "10.0.0.2:6379",
+            "10s",
+        ));
+        assert!(
+            e.unwrap_err()
+                .starts_with("--etcd: an https:// etcd endpoint needs --etcd-ca")
+        );
+        let mut a = args("127.0.0.1:2379", "db", "10.0.0.2:6379", "10s");
+        a.etcd_cert = Some("c.pem".into());
+        assert!(
+            check(&a)
+                .unwrap_err()
+                .starts_with("--etcd-cert: needs --etcd-ca")
+        );
         assert_eq!(r.key(), "/ambassador/services/db/10.0.0.2:6379");
         let r = check(&args("http://h:1", "db", "h:2", "1500ms")).unwrap();
         assert_eq!(r.ttl, 2, "rounded up");

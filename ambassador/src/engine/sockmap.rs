@@ -110,6 +110,8 @@ struct Record {
     stats: Arc<ForwardStats>,
     /// Redirected bytes already added to `stats`, per half.
     reported: [Cell<u64>; 2],
+    /// Trimmed bytes already added to `stats`, per half.
+    trimmed: [Cell<u64>; 2],
 }
 
 impl Record {
@@ -127,6 +129,11 @@ impl Record {
                         &self.stats.spliced_to_client
                     };
                     ForwardStats::add(c, delta);
+                }
+                let cut = st.trimmed_bytes.saturating_sub(self.trimmed[d].get());
+                if cut > 0 {
+                    self.trimmed[d].set(st.trimmed_bytes);
+                    ForwardStats::add(&self.stats.spliced_trimmed, cut);
                 }
             }
         }
@@ -179,6 +186,14 @@ impl Sockmap {
                 .map_err(|_| format!("AMBASSADOR_SOCKMAP_PROMOTE_TURNS={t}: too large"))?;
         }
         let mut splicer = bpf::probe(capacity.saturating_mul(2).max(2))?;
+        match splicer.trims() {
+            Ok(()) => tracing::info!(
+                "sockmap: skbs that repeat bytes already spliced are cut in the kernel"
+            ),
+            Err(reason) => {
+                tracing::warn!(%reason, "sockmap: skbs that repeat bytes already spliced cannot be cut; such a connection is reset instead")
+            }
+        }
         let events = splicer
             .take_events()
             .ok_or("EVENTS ring buffer already taken")?;
@@ -365,6 +380,7 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
         cookies,
         stats: conn.stats.clone(),
         reported: [Cell::new(0), Cell::new(0)],
+        trimmed: [Cell::new(0), Cell::new(0)],
     });
     sm.live.borrow_mut().insert(token, record.clone());
 

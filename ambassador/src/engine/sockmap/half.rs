@@ -74,6 +74,8 @@ pub struct Observed {
     pub passed: u64,
     /// skbs whose redirect failed and were dropped (`misses`).
     pub misses: u64,
+    /// skbs whose sequence numbers did not follow on (`seq_anomalies`).
+    pub seq_anomalies: u64,
     /// Bytes TCP received in order on `src` since the insert, FIN included
     /// (`tcpi_bytes_received` delta, less what userspace read before).
     pub received: u64,
@@ -102,8 +104,8 @@ impl fmt::Display for Integrity {
         let o = &self.observed;
         write!(
             f,
-            "{}: received={} redirected={} passed={} misses={} dst_taken={}",
-            self.what, o.received, o.redirected, o.passed, o.misses, o.dst_taken
+            "{}: received={} redirected={} passed={} misses={} seq_anomalies={} dst_taken={}",
+            self.what, o.received, o.redirected, o.passed, o.misses, o.seq_anomalies, o.dst_taken
         )
     }
 }
@@ -116,6 +118,12 @@ fn violation(what: &'static str, o: &Observed) -> Integrity {
 pub fn check(o: &Observed) -> Result<(), Integrity> {
     if o.misses > 0 {
         return Err(violation("redirect missed (bytes dropped)", o));
+    }
+    if o.seq_anomalies > 0 {
+        return Err(violation(
+            "an skb did not follow on from the previous one (gap or uncut overlap)",
+            o,
+        ));
     }
     if o.passed > 0 {
         return Err(violation(
@@ -325,6 +333,7 @@ mod tests {
             redirected,
             passed: 0,
             misses: 0,
+            seq_anomalies: 0,
             received,
             dst_taken,
         }

@@ -217,6 +217,7 @@ impl Spliced<'_> {
             redirected: st.redirected_bytes,
             passed: st.passed_bytes,
             misses: st.misses,
+            seq_anomalies: st.seq_anomalies,
             received,
             dst_taken,
         })

@@ -24,78 +24,8 @@ use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------- helpers
 
-/// A deterministic byte stream (xorshift64), generated and checked on the
-/// fly so a GiB never sits in memory.
-struct Prng {
-    x: u64,
-    word: [u8; 8],
-    used: usize,
-}
-
-impl Prng {
-    fn new(seed: u64) -> Self {
-        Prng {
-            x: seed | 1,
-            word: [0; 8],
-            used: 8,
-        }
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            if self.used == 8 {
-                self.x ^= self.x << 13;
-                self.x ^= self.x >> 7;
-                self.x ^= self.x << 17;
-                self.word = self.x.to_le_bytes();
-                self.used = 0;
-            }
-            *b = self.word[self.used];
-            self.used += 1;
-        }
-    }
-}
-
-/// Write `n` bytes of stream `seed`.
-fn send_stream(s: &mut TcpStream, seed: u64, n: u64) -> io::Result<()> {
-    let mut g = Prng::new(seed);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(buf.len() as u64) as usize;
-        g.fill(&mut buf[..k]);
-        s.write_all(&buf[..k])?;
-        left -= k as u64;
-    }
-    Ok(())
-}
-
-/// Read until EOF, checking every byte against stream `seed`; returns the
-/// count. Fails at the first wrong byte.
-fn recv_stream(s: &mut TcpStream, seed: u64) -> io::Result<u64> {
-    let mut g = Prng::new(seed);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut want = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok(total);
-        }
-        g.fill(&mut want[..n]);
-        if buf[..n] != want[..n] {
-            let at = buf[..n]
-                .iter()
-                .zip(&want[..n])
-                .position(|(a, b)| a != b)
-                .unwrap();
-            return Err(io::Error::other(format!(
-                "byte {} differs",
-                total + at as u64
-            )));
-        }
-        total += n as u64;
-    }
-}
+use ambassador_test_support::stream::{Stream as Prng, recv_stream, send_stream};
+use ambassador_test_support::{free_port, stat as stat_in, stats_line};
 
 fn settings(idle: Option<Duration>) -> Settings {
     Settings {
@@ -707,7 +637,9 @@ impl Bin {
         if deny_uring {
             use std::os::unix::process::CommandExt;
             // Safety: only async-signal-safe prctl calls between fork and exec.
-            unsafe { cmd.pre_exec(deny_io_uring) };
+            // The io_uring_setup refusal of Docker's default profile (built before fork).
+            let f = ambassador_test_support::seccomp::deny(&[libc::SYS_io_uring_setup]).unwrap();
+            unsafe { cmd.pre_exec(move || f.apply()) };
         }
         let mut child = cmd.spawn().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -745,72 +677,9 @@ impl Bin {
     }
 }
 
-/// A seccomp filter that makes `io_uring_setup` fail with EPERM, the way
-/// Docker's default profile does.
-fn deny_io_uring() -> io::Result<()> {
-    const NR_IO_URING_SETUP: u32 = 425;
-    let filter = [
-        // A = seccomp_data.nr
-        libc::sock_filter {
-            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 1,
-            k: NR_IO_URING_SETUP,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_RET | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_RET | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_ALLOW,
-        },
-    ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr() as *mut _,
-    };
-    // Safety: valid filter program that outlives the calls.
-    unsafe {
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-            || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The number after `key=` in the last `stats` line.
 fn stat(log: &str, key: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains(" stats "))
-        .expect("a stats line");
-    let v = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .unwrap();
-    v.parse().unwrap()
+    stat_in(stats_line(log, "").expect("a stats line"), key).unwrap()
 }
 
 /// Proof of splice through the real binary: 1 MiB each way (below the

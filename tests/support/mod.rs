@@ -12,14 +12,9 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ambassador");
 
-/// A free TCP port on 127.0.0.1 (bound and released; the tiny race is fine here).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use ambassador_test_support::free_port;
+#[allow(unused_imports)] // each test binary uses some of them
+pub use ambassador_test_support::stream::{Stream, check_stream, send_stream};
 
 /// A running ambassador. Killed on drop; its log is kept for assertions.
 pub struct Proxy {
@@ -163,17 +158,7 @@ impl Proxy {
     /// if empty): its value for `key`.
     pub fn stat_for(&self, forward: &str, key: &str) -> Option<u64> {
         let log = self.log();
-        let want = format!(" forward={forward} ");
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains(" stats ") && (forward.is_empty() || l.contains(&want)))?;
-        let pat = format!(" {key}=");
-        let rest = &line[line.find(&pat)? + pat.len()..];
-        rest.split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
+        ambassador_test_support::stat(ambassador_test_support::stats_line(&log, forward)?, key)
     }
 }
 
@@ -182,84 +167,6 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A deterministic pseudo-random byte stream (xorshift64), so both ends can
-/// generate and check gigabytes without storing them.
-pub struct Stream(u64, [u8; 8], usize);
-
-impl Stream {
-    pub fn new(seed: u64) -> Self {
-        Stream(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, [0; 8], 8)
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            if self.2 == 8 {
-                let x = &mut self.0;
-                *x ^= *x << 13;
-                *x ^= *x >> 7;
-                *x ^= *x << 17;
-                self.1 = x.to_le_bytes();
-                self.2 = 0;
-            }
-            *b = self.1[self.2];
-            self.2 += 1;
-        }
-    }
-
-    pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
-        let mut v = vec![0; n];
-        Stream::new(seed).fill(&mut v);
-        v
-    }
-}
-
-/// Write `n` bytes of stream `seed` to `w`.
-pub fn send_stream(w: &mut impl Write, seed: u64, n: u64) -> io::Result<()> {
-    let mut s = Stream::new(seed);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(buf.len() as u64) as usize;
-        s.fill(&mut buf[..k]);
-        w.write_all(&buf[..k])?;
-        left -= k as u64;
-    }
-    Ok(())
-}
-
-/// Read from `r` until EOF and check it is exactly `n` bytes of stream `seed`.
-/// Returns the number of bytes that matched before the first difference.
-pub fn check_stream(r: &mut impl Read, seed: u64, n: u64) -> Result<u64, String> {
-    let mut s = Stream::new(seed);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut want = vec![0u8; 256 * 1024];
-    let mut got = 0u64;
-    loop {
-        let k = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(k) => k,
-            Err(e) => return Err(format!("read error after {got} bytes: {e}")),
-        };
-        if got + k as u64 > n {
-            return Err(format!("more than {n} bytes received"));
-        }
-        s.fill(&mut want[..k]);
-        if buf[..k] != want[..k] {
-            let i = buf[..k]
-                .iter()
-                .zip(&want[..k])
-                .position(|(a, b)| a != b)
-                .unwrap();
-            return Err(format!("byte {} differs", got + i as u64));
-        }
-        got += k as u64;
-    }
-    if got != n {
-        return Err(format!("EOF after {got} of {n} bytes"));
-    }
-    Ok(got)
 }
 
 /// A threaded server on 127.0.0.1: `handler` runs for each accepted
@@ -336,6 +243,10 @@ pub fn engine_available(mode: &str) -> bool {
 /// default profile does. Only the child is affected; no global sysctl.
 pub fn restrict(cmd: &mut Command, drop_caps: bool, deny_io_uring: bool) {
     use std::os::unix::process::CommandExt;
+    // Built before fork: the closure only makes syscalls.
+    let filter = deny_io_uring.then(|| {
+        ambassador_test_support::seccomp::deny(&[libc::SYS_io_uring_setup]).expect("seccomp filter")
+    });
     unsafe {
         cmd.pre_exec(move || {
             if drop_caps {
@@ -365,55 +276,8 @@ pub fn restrict(cmd: &mut Command, drop_caps: bool, deny_io_uring: bool) {
                     return Err(io::Error::last_os_error());
                 }
             }
-            if deny_io_uring {
-                #[repr(C)]
-                struct Filter {
-                    code: u16,
-                    jt: u8,
-                    jf: u8,
-                    k: u32,
-                }
-                #[repr(C)]
-                struct Prog {
-                    len: u16,
-                    filter: *const Filter,
-                }
-                const SYS_IO_URING_SETUP: u32 = 425;
-                let f = [
-                    Filter {
-                        code: 0x20,
-                        jt: 0,
-                        jf: 0,
-                        k: 0,
-                    }, // ld [nr]
-                    Filter {
-                        code: 0x15,
-                        jt: 0,
-                        jf: 1,
-                        k: SYS_IO_URING_SETUP,
-                    }, // jeq
-                    Filter {
-                        code: 0x06,
-                        jt: 0,
-                        jf: 0,
-                        k: 0x0005_0000 | libc::EPERM as u32,
-                    }, // errno
-                    Filter {
-                        code: 0x06,
-                        jt: 0,
-                        jf: 0,
-                        k: 0x7fff_0000,
-                    }, // allow
-                ];
-                let prog = Prog {
-                    len: f.len() as u16,
-                    filter: f.as_ptr(),
-                };
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                    || libc::prctl(libc::PR_SET_SECCOMP, 2, &prog as *const Prog) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+            if let Some(f) = &filter {
+                f.apply()?;
             }
             Ok(())
         });
@@ -422,13 +286,6 @@ pub fn restrict(cmd: &mut Command, drop_caps: bool, deny_io_uring: bool) {
 
 /// Poll `cond` every 20 ms for up to `secs` seconds (and once more at the
 /// end): whether it became true. Every wait in the tests is one of these.
-pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if cond() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    cond()
+pub fn wait_until(secs: u64, cond: impl FnMut() -> bool) -> bool {
+    ambassador_test_support::wait_until(Duration::from_secs(secs), cond)
 }

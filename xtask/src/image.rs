@@ -75,6 +75,11 @@ pub fn static_binary() -> Result<PathBuf> {
 /// `target_dir`. Shared with the kernel matrix: cargo fingerprints these flags, so one set keeps
 /// the image and the qemu guests on one build.
 pub fn static_cargo(target_dir: &Path) -> Command {
+    static_cargo_packages(target_dir, &["ambassador"])
+}
+
+/// [`static_cargo`] for the given workspace packages (`-p` each).
+pub fn static_cargo_packages(target_dir: &Path, packages: &[&str]) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root())
         // An encoded flags variable inherited from an outer cargo would win over RUSTFLAGS.
@@ -84,9 +89,11 @@ pub fn static_cargo(target_dir: &Path) -> Command {
         // does not want them (they are most of the file's size).
         .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
-        .args(["build", "--release", "--target", TARGET, "-p", "ambassador"])
-        .arg("--target-dir")
-        .arg(target_dir);
+        .args(["build", "--release", "--target", TARGET]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    cmd.arg("--target-dir").arg(target_dir);
     cmd
 }
 

@@ -168,11 +168,13 @@ pub fn run(a: Args) -> Result<()> {
 /// libc of their own, with exactly the image's build (`image::static_cargo`).
 fn build_static(root: &Path, ambassador: Option<&Path>) -> Result<initramfs::Binaries> {
     let target_dir = root.join("target/static");
-    let mut cmd = crate::image::static_cargo(&target_dir);
-    match ambassador {
-        Some(_) => cmd.args(["--bin", "ambassador-testpeer"]),
-        None => cmd.arg("--bins"),
+    // The testpeer is its own workspace package (`testpeer/`), not a binary of `ambassador`.
+    let packages: &[&str] = match ambassador {
+        Some(_) => &["ambassador-testpeer"],
+        None => &["ambassador", "ambassador-testpeer"],
     };
+    let mut cmd = crate::image::static_cargo_packages(&target_dir, packages);
+    cmd.arg("--bins");
     run_cmd(&mut cmd)?;
     let out = target_dir.join(crate::image::TARGET).join("release");
     let amb = ambassador

@@ -1,0 +1,23 @@
+//! Helpers shared by the ambassador's integration tests and its test tools, written once:
+//!
+//! - [`stream`]: a deterministic pseudo-random byte stream, so a sender and a checker can move
+//!   and verify gigabytes without storing them;
+//! - [`net`]: free loopback ports;
+//! - [`wait`]: the one bounded wait on a condition (tests never sleep to synchronise);
+//! - [`stats`]: reading the proxy's `stats` log lines (`key=value` fields);
+//! - [`seccomp`]: filters that make chosen syscalls fail with EPERM in a child process, the way
+//!   Docker's default profile refuses io_uring and bpf, built with the `seccompiler` crate.
+//!
+//! It is a workspace crate of its own (a dev-dependency of `ambassador`), so that nothing of it
+//! ships in the product package.
+
+pub mod net;
+pub mod seccomp;
+pub mod stats;
+pub mod stream;
+pub mod wait;
+
+pub use net::{free_port, free_ports};
+pub use stats::{stat, stats_line};
+pub use stream::Stream;
+pub use wait::wait_until;

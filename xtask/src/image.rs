@@ -89,6 +89,10 @@ pub fn static_cargo_packages(target_dir: &Path, packages: &[&str]) -> Command {
         // does not want them (they are most of the file's size).
         .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
         .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        // One optimisation unit across all crates: about a tenth smaller (the image budget below)
+        // and no slower; the discovery clients (Docker API, etcd over TLS) brought it near 10 MB.
+        .env("CARGO_PROFILE_RELEASE_LTO", "fat")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
         .args(["build", "--release", "--target", TARGET]);
     for p in packages {
         cmd.args(["-p", p]);

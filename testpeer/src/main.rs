@@ -105,6 +105,13 @@ pub(crate) struct SuiteArgs {
     /// Connections in the connect storm.
     #[arg(long, default_value_t = 40)]
     pub storm: usize,
+    /// Bulk connections per cell, one after another (a soak: each carries `--bytes` both ways
+    /// at once, every byte checked).
+    #[arg(long, default_value_t = 1)]
+    pub bulk_rounds: usize,
+    /// The ambassador's `RUST_LOG` (a cell whose check failed prints its whole log).
+    #[arg(long, default_value = "info")]
+    pub log: String,
     /// Only these cells (comma-separated names; all if empty).
     #[arg(long, default_value = "")]
     pub cells: String,

@@ -221,6 +221,7 @@ pub(crate) fn free_ports() -> Res<[u16; 3]> {
 pub(crate) fn start_ambassador(
     bin: &str,
     cell: &Cell,
+    log: &str,
     forwards: &[(u16, SocketAddr)],
 ) -> Res<(Running, Option<String>, Option<ExitStatus>)> {
     let mut cmd = Command::new(bin);
@@ -233,7 +234,7 @@ pub(crate) fn start_ambassador(
     for (p, up) in forwards {
         cmd.arg("--forward").arg(format!("127.0.0.1:{p}={up}"));
     }
-    cmd.env("RUST_LOG", "info")
+    cmd.env("RUST_LOG", log)
         .env("NO_COLOR", "1")
         .env_remove("AMBASSADOR_MODE");
     cmd.stdin(Stdio::null())
@@ -294,25 +295,28 @@ pub(crate) fn stop(r: &mut Running) -> Option<ExitStatus> {
 }
 
 pub(crate) fn suite(args: &SuiteArgs) -> Res<()> {
-    let (bin, bytes, storm, only, guest) = (
-        args.ambassador.clone(),
-        args.bytes,
-        args.storm,
-        args.cells.as_str(),
-        args.guest,
-    );
+    let (bin, only, guest) = (args.ambassador.clone(), args.cells.as_str(), args.guest);
+    let load = Load {
+        bytes: args.bytes,
+        storm: args.storm,
+        bulk_rounds: args.bulk_rounds.max(1),
+        log: args.log.clone(),
+    };
     let echo = spawn_upstream(Upstream::Echo)?;
     let first = spawn_upstream(Upstream::SpeakFirst)?;
     let half = spawn_upstream(Upstream::HalfClose)?;
-    println!("KM suite start bytes={bytes} uid={}", unsafe {
-        libc::getuid()
-    });
+    println!(
+        "KM suite start bytes={} bulk_rounds={} uid={}",
+        load.bytes,
+        load.bulk_rounds,
+        unsafe { libc::getuid() }
+    );
     for cell in CELLS {
         if !only.is_empty() && !only.split(',').any(|c| c == cell.name) {
             continue;
         }
         let Some(value) = cell.uring_sysctl else {
-            run_cell(&bin, cell, bytes, storm, [echo, first, half])?;
+            run_cell(&bin, cell, &load, [echo, first, half])?;
             continue;
         };
         const SYSCTL: &str = "/proc/sys/kernel/io_uring_disabled";
@@ -331,7 +335,7 @@ pub(crate) fn suite(args: &SuiteArgs) -> Res<()> {
             Ok(v) => v,
         };
         ctx(std::fs::write(SYSCTL, value), SYSCTL)?;
-        let r = run_cell(&bin, cell, bytes, storm, [echo, first, half]);
+        let r = run_cell(&bin, cell, &load, [echo, first, half]);
         ctx(std::fs::write(SYSCTL, old.trim()), SYSCTL)?;
         r?;
     }
@@ -339,19 +343,34 @@ pub(crate) fn suite(args: &SuiteArgs) -> Res<()> {
     Ok(())
 }
 
-pub(crate) fn run_cell(
-    bin: &str,
-    cell: &Cell,
-    bytes: usize,
-    storm: usize,
-    ups: [SocketAddr; 3],
-) -> Res<()> {
+/// How much each cell carries.
+pub(crate) struct Load {
+    /// Bytes each way per bulk connection.
+    pub bytes: usize,
+    /// Connections in the connect storm.
+    pub storm: usize,
+    /// Bulk connections, one after another.
+    pub bulk_rounds: usize,
+    /// The ambassador's `RUST_LOG`.
+    pub log: String,
+}
+
+/// `rounds` bulk connections one after another; the first failure names its round.
+fn check_bulk_rounds(a: SocketAddr, bytes: usize, rounds: usize) -> Res<()> {
+    for i in 0..rounds {
+        check_bulk(a, bytes).map_err(|e| format!("round {} of {rounds}: {e}", i + 1))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn run_cell(bin: &str, cell: &Cell, load: &Load, ups: [SocketAddr; 3]) -> Res<()> {
+    let (bytes, storm, rounds) = (load.bytes, load.storm, load.bulk_rounds);
     let t0 = Instant::now();
     let mut attempt = 0;
     let (ports, mut run, ready, exited) = loop {
         let ports = free_ports()?;
         let fw: Vec<(u16, SocketAddr)> = ports.iter().copied().zip(ups).collect();
-        let (run, ready, exited) = start_ambassador(bin, cell, &fw)?;
+        let (run, ready, exited) = start_ambassador(bin, cell, &load.log, &fw)?;
         let lost_port = ready.is_none()
             && run
                 .lines
@@ -370,10 +389,14 @@ pub(crate) fn run_cell(
     };
     let c = cell.name;
     let engine = ready.clone();
+    let mut failed = false;
     if let Some(engine) = &ready {
         let via = |i: usize| SocketAddr::from(([127, 0, 0, 1], ports[i]));
         let checks: [(&str, CheckFn); 5] = [
-            ("bulk", Box::new(move || check_bulk(via(0), bytes))),
+            (
+                "bulk",
+                Box::new(move || check_bulk_rounds(via(0), bytes, rounds)),
+            ),
             (
                 "speak-first-server",
                 Box::new(move || check_speak_first_server(via(1))),
@@ -392,6 +415,7 @@ pub(crate) fn run_cell(
             let t = Instant::now();
             let r = f();
             let ms = t.elapsed().as_millis();
+            failed |= r.is_err();
             match r {
                 Ok(()) => {
                     println!("KM check cell={c} engine={engine} check={name} ok=1 ms={ms} detail=")
@@ -443,16 +467,18 @@ pub(crate) fn run_cell(
     // The `stats` lines logged at exit: how many bytes the kernel spliced, and how many
     // connections fell back to userspace copying. A sockmap cell that spliced nothing is a
     // silent fallback, not a working engine.
-    let mut totals = [0u64; 4];
+    let mut totals = [0u64; 6];
     for l in lines.iter().filter(|l| l.contains("stats forward=")) {
         let n = |k: &str| field(l, k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         totals[0] += n("spliced_to_upstream") + n("spliced_to_client");
         totals[1] += n("splice_fallbacks");
         totals[2] += n("errors");
         totals[3] += n("conns_total");
+        totals[4] += n("integrity_resets");
+        totals[5] += n("spliced_trimmed");
     }
     println!(
-        "KM cell cell={c} ready={} engine={} exit={} ms={} spliced={} splice_fallbacks={} errors={} conns={} detail={}",
+        "KM cell cell={c} ready={} engine={} exit={} ms={} spliced={} splice_fallbacks={} errors={} conns={} integrity_resets={} trimmed={} detail={}",
         ready.is_some() as u8,
         engine.unwrap_or_else(|| "none".into()),
         code.replace(' ', "_"),
@@ -461,13 +487,16 @@ pub(crate) fn run_cell(
         totals[1],
         totals[2],
         totals[3],
+        totals[4],
+        totals[5],
         if ready.is_some() {
             String::new()
         } else {
             clean(&last)
         }
     );
-    for l in lines.iter().take(40) {
+    // A failed check shows the whole log (run with `--log debug` to see why).
+    for l in lines.iter().take(if failed { 20_000 } else { 40 }) {
         println!("# {c}: {l}");
     }
     Ok(())

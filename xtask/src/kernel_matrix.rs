@@ -60,6 +60,14 @@ pub struct Args {
     /// Short connections per cell in the connect-storm check (each speaking first).
     #[arg(long, default_value_t = 40)]
     pub storm: usize,
+    /// Bulk connections per cell, one after another (`--bytes` each way at once, every byte
+    /// checked): a soak on the guests' kernels. The guest deadline grows with it.
+    #[arg(long, default_value_t = 1)]
+    pub bulk_rounds: usize,
+    /// The ambassador's `RUST_LOG` in every cell (a cell whose check failed prints its whole
+    /// log into the console log).
+    #[arg(long, default_value = "info")]
+    pub log: String,
     /// Use this *static* ambassador binary instead of building one from the tree.
     #[arg(long)]
     pub ambassador: Option<PathBuf>,
@@ -74,6 +82,8 @@ pub fn check() -> Result<()> {
         check: true,
         bytes: 4 << 20,
         storm: 40,
+        bulk_rounds: 1,
+        log: "info".into(),
         ..Default::default()
     })
 }
@@ -201,6 +211,18 @@ fn is_dynamic(p: &Path) -> Result<bool> {
     }))
 }
 
+/// The default run fits in `GUEST_DEADLINE`; a soak (`--bulk-rounds`, bigger `--bytes`) adds
+/// time for what each cell carries beyond that, at a pessimistic 2 MiB/s each way under TCG
+/// (measured: about 27 MiB/s).
+fn guest_deadline(a: &Args) -> Duration {
+    let cells = match a.cells.split(',').filter(|c| !c.is_empty()).count() {
+        0 => 10,
+        n => n,
+    } as u64;
+    let extra = (a.bulk_rounds.max(1) * a.bytes).saturating_sub(4 << 20) as u64;
+    GUEST_DEADLINE + Duration::from_secs(cells * extra / (2 << 20))
+}
+
 fn run_guest(
     cache: &Path,
     k: &kernels::Kernel,
@@ -218,13 +240,14 @@ fn run_guest(
     let initrd = work.join("initrd.gz");
     initramfs::build(&work, &initrd, bins, &k.config, &release, &suite_args(a))?;
     eprintln!("kernel-matrix: booting {release} under qemu (TCG)...");
-    let con = boot::boot(&k.vmlinux, &initrd, GUEST_DEADLINE)?;
+    let deadline = guest_deadline(a);
+    let con = boot::boot(&k.vmlinux, &initrd, deadline)?;
     std::fs::write(work.join("console.log"), &con.text)?;
     let label = format!("{release} (Debian {})", k.version);
     let mut r = report::parse(&k.key, &label, &con.text);
     r.secs = con.elapsed.as_secs_f64();
     if con.timed_out {
-        r.problem = format!("guest timed out after {}s", GUEST_DEADLINE.as_secs());
+        r.problem = format!("guest timed out after {}s", deadline.as_secs());
     } else if !r.complete {
         let tail: Vec<&str> = con.text.lines().rev().take(5).collect();
         r.problem = format!(
@@ -247,6 +270,10 @@ fn suite_args(a: &Args) -> Vec<String> {
         a.bytes.to_string(),
         "--storm".to_string(),
         a.storm.to_string(),
+        "--bulk-rounds".to_string(),
+        a.bulk_rounds.max(1).to_string(),
+        "--log".to_string(),
+        a.log.clone(),
     ];
     if !a.cells.is_empty() {
         v.push("--cells".into());

@@ -3,7 +3,8 @@
 //! The testpeer prints (see `ambassador/src/bin/ambassador-testpeer.rs`):
 //! - `KM check cell=<c> engine=<e> check=<name> ok=0|1 ms=<n> detail=<text>`
 //! - `KM skipped cell=<c> engine=<e> reason=<text>` / `KM chosen cell=<c> engine=<e> mode=<m>`
-//! - `KM cell cell=<c> ready=0|1 engine=<e|none> exit=<code> ms=<n> detail=<text>`
+//! - `KM cell cell=<c> ready=0|1 engine=<e|none> exit=<code> ms=<n> ... integrity_resets=<n>
+//!   trimmed=<n> detail=<text>`
 //! - `KM feature name=<n> result=<r>` and `KM sockmapfix name=<n> result=yes|no detail=<text>`
 //!
 //! `detail=` and `reason=` are always last and run to the end of the line.
@@ -76,6 +77,10 @@ pub struct CellRun {
     pub splice_fallbacks: u64,
     pub errors: u64,
     pub conns: u64,
+    /// Connections the engine reset because its byte books did not balance, and bytes the
+    /// kernel program cut from partly old retransmissions.
+    pub integrity_resets: u64,
+    pub trimmed: u64,
     pub checks: Vec<Check>,
     pub skipped: Vec<(String, String)>,
 }
@@ -152,6 +157,8 @@ pub fn parse(key: &str, label: &str, text: &str) -> KernelRun {
                 c.splice_fallbacks = get("splice_fallbacks").parse().unwrap_or(0);
                 c.errors = get("errors").parse().unwrap_or(0);
                 c.conns = get("conns").parse().unwrap_or(0);
+                c.integrity_resets = get("integrity_resets").parse().unwrap_or(0);
+                c.trimmed = get("trimmed").parse().unwrap_or(0);
             }
             "na" => k.cells.entry(get("cell")).or_default().na = Some(get("detail")),
             "feature" => k.features.push((get("name"), get("result"))),
@@ -259,6 +266,12 @@ pub fn outcome(k: &KernelRun, cell: &str, mode: &str) -> Outcome {
         return Outcome::Fails(format!(
             "engine sockmap spliced no byte ({} of {} connections fell back to userspace)",
             c.splice_fallbacks, c.conns
+        ));
+    }
+    if c.integrity_resets > 0 {
+        return Outcome::Fails(format!(
+            "engine {}: {} integrity resets (byte books did not balance)",
+            c.engine, c.integrity_resets
         ));
     }
     if c.exit != "0" {
@@ -499,7 +512,7 @@ pub fn details(runs: &[KernelRun]) -> String {
         for (cell, c) in &k.cells {
             let _ = writeln!(
                 s,
-                "   {cell}: ready={} engine={} exit={} {}ms conns={} spliced={} splice_fallbacks={} errors={} {}",
+                "   {cell}: ready={} engine={} exit={} {}ms conns={} spliced={} splice_fallbacks={} errors={} integrity_resets={} trimmed={} {}",
                 c.ready,
                 c.engine,
                 c.exit,
@@ -508,6 +521,8 @@ pub fn details(runs: &[KernelRun]) -> String {
                 c.spliced,
                 c.splice_fallbacks,
                 c.errors,
+                c.integrity_resets,
+                c.trimmed,
                 c.detail
             );
             for (e, r) in &c.skipped {

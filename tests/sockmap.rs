@@ -49,8 +49,27 @@ fn test_policy() -> SplicePolicy {
     }
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// Open fds of this process that are the proxy's connection sockets: the
+/// accepted side (local port `listen`, not the listener itself) or the
+/// connected side (peer `upstream`). Counted by socket inode against
+/// /proc/net/tcp, so the fds of tests running in parallel in this process
+/// (other ports) never count.
+fn proxy_fds(listen: u16, upstream: SocketAddr) -> usize {
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
+    let mut ours = std::collections::HashSet::new();
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    for l in tcp.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (local, remote, state, inode) = (port(f[1]), port(f[2]), f[3], f[9]);
+        if (local == Some(listen) && state != "0A") || remote == Some(upstream.port()) {
+            ours.insert(format!("socket:[{inode}]"));
+        }
+    }
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| ours.contains(t.to_string_lossy().as_ref()))
+        .count()
 }
 
 /// What the in-process proxy saw, after every connection ended.
@@ -114,7 +133,6 @@ fn with_proxy_policy<R: Send + 'static>(
             Rc::new(Sockmap::with_options(policy, capacity, leave_after).expect("sockmap loads"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let fds_before = open_fds();
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let th = thread::spawn(move || {
             let r = scenario(addr);
@@ -172,7 +190,7 @@ fn with_proxy_policy<R: Send + 'static>(
         // sockets on their threads: give them a moment before counting.
         let scenario = th.join().expect("scenario panicked");
         let t = Instant::now();
-        while open_fds() > fds_before && t.elapsed() < Duration::from_secs(5) {
+        while proxy_fds(addr.port(), upstream) > 0 && t.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let g = |c: &AtomicU64| c.load(Relaxed);
@@ -189,7 +207,7 @@ fn with_proxy_policy<R: Send + 'static>(
             trimmed: g(&stats.spliced_trimmed),
             demoted: sm.demoted(),
             entries: sm.map_entries(),
-            fds_leaked: open_fds() as isize - fds_before as isize,
+            fds_leaked: proxy_fds(addr.port(), upstream) as isize,
         };
         (scenario, report)
     })

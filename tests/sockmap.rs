@@ -1385,3 +1385,96 @@ fn adaptive_copy_loop_finishes_after_a_half_close_and_a_pause_request() {
         "the upstream got the client's whole stream"
     );
 }
+
+/// The adaptive copy loop pauses for promotion only when both directions
+/// are at a pause point. Holding one direction while the other waited to
+/// write used to deadlock against a peer that stops reading while its own
+/// writes to us block (seen on the 6.1 and 6.12 guests). The peer here does
+/// exactly that: one thread, 64 KiB written, then one read, with a 4 KiB
+/// receive buffer; every read asks for a pause (`PROMOTE_TURNS=0`). Both
+/// streams must still arrive whole.
+#[test]
+fn adaptive_pause_never_deadlocks_a_peer_that_writes_before_it_reads() {
+    const BYTES: u64 = 16 << 20;
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.set_recv_buffer_size(4096).unwrap();
+    l.set_send_buffer_size(4096).unwrap();
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(16).unwrap();
+    let l: TcpListener = l.into();
+    let upstream = l.local_addr().unwrap();
+    let peer_got = Arc::new(AtomicU64::new(u64::MAX));
+    let pg = peer_got.clone();
+    thread::spawn(move || {
+        let mut s = l.accept().unwrap().0;
+        let (mut out, mut inp) = (Prng::new(6), Prng::new(5));
+        let (mut b, mut want) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+        let (mut sent, mut got, mut eof) = (0u64, 0u64, false);
+        while sent < BYTES || !eof {
+            if sent < BYTES {
+                let k = (BYTES - sent).min(b.len() as u64) as usize;
+                out.fill(&mut b[..k]);
+                if s.write_all(&b[..k]).is_err() {
+                    return;
+                }
+                sent += k as u64;
+                if sent == BYTES {
+                    let _ = s.shutdown(Shutdown::Write);
+                }
+            }
+            if !eof {
+                match s.read(&mut b) {
+                    Ok(0) => eof = true,
+                    Ok(n) => {
+                        inp.fill(&mut want[..n]);
+                        if b[..n] != want[..n] {
+                            return;
+                        }
+                        got += n as u64;
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
+        pg.store(got, Relaxed);
+    });
+    let port = free_port();
+    let fwd = format!("127.0.0.1:{port}={upstream}");
+    let bin = Bin::start(
+        &["env", "AMBASSADOR_SOCKMAP_PROMOTE_TURNS=0"],
+        &[
+            "--mode",
+            "sockmap",
+            "--splice",
+            "adaptive",
+            "--forward",
+            &fwd,
+        ],
+        false,
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t = thread::spawn(move || {
+        let r = send_stream(&mut w, 5, BYTES);
+        let _ = w.shutdown(Shutdown::Write);
+        r
+    });
+    let got = recv_stream(&mut s, 6);
+    let sent = t.join().unwrap();
+    ambassador_test_support::wait_until(Duration::from_secs(10), || {
+        peer_got.load(Relaxed) != u64::MAX
+    });
+    let (code, log) = bin.stop();
+    assert_eq!(
+        got.ok(),
+        Some(BYTES),
+        "client's stream stalled or corrupted: {log}"
+    );
+    assert!(sent.is_ok(), "client's write stalled: {log}");
+    assert_eq!(peer_got.load(Relaxed), BYTES, "peer's stream: {log}");
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
+}

@@ -116,21 +116,48 @@ enum Step {
 
 /// Shared by the two directions of one connection: the request/response
 /// detector and the pause request.
+///
+/// A pause needs both directions at their pause point (after a completed
+/// write, before the next read). A direction that gets there first holds:
+/// it stops reading. That is a deadlock if the other direction is waiting
+/// to write to a peer that itself waits to write to us (an echo server with
+/// full buffers: it reads no more until the held direction drains it). So a
+/// direction that has to wait to write calls the pause off, and no pause is
+/// requested while one waits; promotion comes at a later quiet point.
 struct Pause {
     promote: Option<Promote>,
     requested: Cell<bool>,
-    wake: Notify,
+    /// A pause was requested, called off, or a direction stopped.
+    change: Notify,
     /// Direction of the last read (0 = client→server), and turns seen.
     last_dir: Cell<u8>,
     turns: Cell<u32>,
     /// Directions that have seen EOF.
     eofs: Cell<u8>,
+    /// Directions that are at their pause point or have ended.
+    stopped: Cell<u8>,
+    /// Directions waiting for their destination to become writable.
+    blocked: Cell<u8>,
     /// Per direction: the last read filled the buffer (an skb may be
     /// partly read).
     full: [Cell<bool>; 2],
 }
 
 impl Pause {
+    fn new(promote: Option<Promote>) -> Self {
+        Pause {
+            promote,
+            requested: Cell::new(false),
+            change: Notify::new(),
+            last_dir: Cell::new(1),
+            turns: Cell::new(0),
+            eofs: Cell::new(0),
+            stopped: Cell::new(0),
+            blocked: Cell::new(0),
+            full: [Cell::new(false), Cell::new(false)],
+        }
+    }
+
     /// A read of `n` bytes in direction `dir`.
     fn saw_read(&self, dir: u8, n: usize) {
         self.full[usize::from(dir)].set(n >= BUF_SIZE);
@@ -140,10 +167,55 @@ impl Pause {
         } else if self.last_dir.replace(dir) != dir {
             self.turns.set(self.turns.get() + 1);
         }
-        if self.turns.get() >= p.turns && !self.requested.get() {
+        if self.turns.get() >= p.turns && !self.requested.get() && self.blocked.get() == 0 {
             self.requested.set(true);
-            self.wake.notify_waiters();
+            self.change.notify_waiters();
         }
+    }
+
+    /// This direction is at its pause point. True once both directions are
+    /// (or the other one ended): pause. False if the pause was called off:
+    /// copy on.
+    async fn hold(&self) -> bool {
+        self.stopped.set(self.stopped.get() + 1);
+        loop {
+            let changed = self.change.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if self.stopped.get() >= 2 {
+                self.change.notify_waiters();
+                return true;
+            }
+            if !self.requested.get() {
+                self.stopped.set(self.stopped.get() - 1);
+                return false;
+            }
+            changed.await;
+        }
+    }
+
+    /// This direction ended (EOF): a holding direction need not wait for it.
+    fn ended(&self) {
+        self.stopped.set(self.stopped.get() + 1);
+        self.change.notify_waiters();
+    }
+
+    /// Wait until `dst` is writable. Waiting calls off a pending pause (the
+    /// other direction must keep reading, see [`Pause`]).
+    async fn writable(&self, dst: &TcpStream) -> io::Result<()> {
+        let mut ready = std::pin::pin!(dst.writable());
+        let now = std::future::poll_fn(|cx| std::task::Poll::Ready(ready.as_mut().poll(cx))).await;
+        if let std::task::Poll::Ready(r) = now {
+            return r;
+        }
+        self.blocked.set(self.blocked.get() + 1);
+        if self.requested.replace(false) {
+            self.turns.set(0);
+            self.change.notify_waiters();
+        }
+        let r = ready.await;
+        self.blocked.set(self.blocked.get() - 1);
+        r
     }
 }
 
@@ -164,15 +236,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
     let client = TcpStream::from_std(client)?;
     let upstream = TcpStream::from_std(upstream)?;
     let activity = Activity::new();
-    let pause = Pause {
-        promote,
-        requested: Cell::new(false),
-        wake: Notify::new(),
-        last_dir: Cell::new(1),
-        turns: Cell::new(0),
-        eofs: Cell::new(0),
-        full: [Cell::new(false), Cell::new(false)],
-    };
+    let pause = Pause::new(promote);
     let (up, down) = (&stats.bytes_to_upstream, &stats.bytes_to_client);
     let read = [Cell::new(0u64), Cell::new(0u64)];
     let both = async {
@@ -186,11 +250,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         let full = [pause.full[0].get(), pause.full[1].get()];
         // No promotion from here on, and no pending request either: the
         // other direction must run to its EOF.
-        let no_pause = Pause {
-            promote: None,
-            requested: Cell::new(false),
-            ..pause
-        };
+        let no_pause = Pause::new(None);
         match steps {
             (Step::Paused, Step::Paused) => {
                 return Ok(Some(full));
@@ -254,12 +314,12 @@ async fn copy(
     dir: u8,
 ) -> io::Result<Step> {
     loop {
-        if pause.requested.get() {
+        if pause.requested.get() && pause.hold().await {
             return Ok(Step::Paused);
         }
         tokio::select! {
             r = src.readable() => r?,
-            () = pause.wake.notified(), if pause.promote.is_some() => continue,
+            () = pause.change.notified(), if pause.promote.is_some() => continue,
         }
         let mut buf = PooledBuf::take();
         let n = match src.try_read(&mut buf) {
@@ -273,6 +333,7 @@ async fn copy(
                 if pause.eofs.get() < 2 {
                     let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
                 }
+                pause.ended();
                 return Ok(Step::Eof);
             }
             Ok(n) => n,
@@ -282,7 +343,7 @@ async fn copy(
         activity.touch();
         let mut done = 0;
         while done < n {
-            dst.writable().await?;
+            pause.writable(dst).await?;
             match dst.try_write(&buf[done..n]) {
                 Ok(w) => done += w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -18,7 +18,9 @@
 //!    missed; a replayed event costs one more list) and list again at each
 //!    start, die, stop, pause, unpause or destroy. Listing again rather
 //!    than patching the set from the event keeps one source of truth: the
-//!    list.
+//!    list — except that Docker sends `die` before its list stops showing
+//!    the container running, so a container whose last event says it
+//!    stopped is left out until the list agrees (`Seen::event`).
 //!
 //! The socket lost (dockerd stopped or restarted): the last set keeps
 //! serving, one `WARN docker connection lost`, reconnects with the same
@@ -139,6 +141,12 @@ impl Job {
             match events.next().await {
                 Some(Ok(ev)) => {
                     tracing::debug!(listen = %self.listen, action = ?ev.action, "docker event");
+                    // The list may lag the event (see `Seen::event`).
+                    if let (Some(id), Some(action)) =
+                        (ev.actor.as_ref().and_then(|a| a.id.as_ref()), &ev.action)
+                    {
+                        seen.event(id, action);
+                    }
                     if let Err(e) = self.list(&docker, seen, sent).await {
                         return e;
                     }

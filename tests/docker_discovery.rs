@@ -357,7 +357,8 @@ fn a_running_labelled_container_is_a_backend() {
 }
 
 /// (b) A container started after the ambassador is picked up (start event)
-/// and clients reach both; killed (die) it leaves the set and new clients go
+/// and clients reach both; paused it leaves the set, unpaused it is back;
+/// killed (die) it leaves the set and new clients go
 /// to the remaining one, while a client held on it before keeps working;
 /// the last one stopped (stop) leaves no backend: a new client is closed at
 /// once (not left waiting) and the log says why.
@@ -381,6 +382,21 @@ fn containers_started_and_stopped_later_are_followed() {
     for t in [&one.tag, &two.tag] {
         assert!(tags.contains(&Some(t.clone())), "{tags:?}\n{}", amb.log());
     }
+
+    // Paused, a container leaves the set (its clients would hang), and
+    // comes back when unpaused.
+    let m = amb.mark();
+    docker(&["pause", &two.name]);
+    let line = amb.wait_line(m, &["docker backends changed", "count=1"]);
+    assert!(!line.contains(&want[1]), "{line}");
+    for t in amb.whos(3) {
+        assert_eq!(t.as_deref(), Some(one.tag.as_str()), "{}", amb.log());
+    }
+    let m = amb.mark();
+    docker(&["unpause", &two.name]);
+    amb.wait_line(m, &["docker backends changed", "count=2"]);
+    let tags = amb.whos(4);
+    assert!(tags.contains(&Some(two.tag.clone())), "{tags:?}");
 
     // A client on `one`, held across the other's death.
     let mut held = loop {

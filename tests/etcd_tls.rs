@@ -535,3 +535,48 @@ fn wrong_certificates_are_one_line_and_exit_2() {
         None
     );
 }
+
+/// The same TLS through the config file (`etcd_ca`, `etcd_cert`,
+/// `etcd_key`): the forward finds a key put with etcdctl and bytes flow;
+/// `--check --config` shows the forward and no key material.
+#[test]
+fn config_file_keys_give_the_same_tls() {
+    let pki = Pki::new();
+    let etcd = TlsEtcd::start(&pki);
+    let r = Redis::start();
+    let put = etcd.ctl(&pki, &["put", "/ambassador/services/cache/one", &r.addr()]);
+    assert!(put.status.success(), "etcdctl put: {put:?}");
+    let dir = Dir::new("conf");
+    let file = dir.file("a.toml");
+    let port = free_port();
+    std::fs::write(
+        &file,
+        format!(
+            "etcd_ca = \"{}\"\netcd_cert = \"{}\"\netcd_key = \"{}\"\n\n\
+             [[forward]]\nname = \"cache\"\nlisten = \"127.0.0.1:{port}\"\nbackends = [\"{}\"]\n",
+            pki.file("ca.pem"),
+            pki.file("client.pem"),
+            pki.file("client.key"),
+            etcd.url("cache")
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run_to_end(
+        &strings(&["--no-env", "--check", "--config", &file]),
+        "debug",
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&etcd.url("cache")), "{out}");
+    pki.assert_no_secret("--check --config", &format!("{out}{err}"));
+
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--no-env", "--mode", "epoll", "--config", &file])
+        .env_clear();
+    let p = Proxy::spawn(cmd, port)
+        .unwrap_or_else(|(code, log)| panic!("the TLS forward did not start ({code:?}):\n{log}"));
+    let mut c = connect(&p.addr());
+    assert_eq!(command(&mut c, &["SET", "conf", "via-config"]), "+OK");
+    let mut direct = connect(&r.addr());
+    assert_eq!(command(&mut direct, &["GET", "conf"]), "via-config");
+    pki.assert_no_secret("the forward's log", &p.log());
+}

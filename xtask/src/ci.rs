@@ -50,6 +50,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     // etcd and etcdctl, for the discovery tests (tests/etcd.rs).
     "etcd-server",
     "etcd-client",
+    // certificates for the etcd-over-TLS test (tests/etcd_tls.rs).
+    "openssl",
 ];
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {

@@ -95,18 +95,43 @@ pub fn backend(c: &Container) -> Result<Target, String> {
     parse::target(&format!("{ip}:{port}")).map_err(|e| format!("network {net:?}: {e}"))
 }
 
-/// The reports made so far, so that each bad container is logged once.
+/// The reports made so far, so that each bad container is logged once; and
+/// the containers Docker's events say stopped running.
 #[derive(Debug, Default)]
 pub struct Seen {
     reported: BTreeSet<(String, String)>,
+    /// Ids whose last event was die, stop, pause or destroy. Docker sends
+    /// the event before its list is updated (20.10: the list made right
+    /// after `die` still shows the container `running`, and no later event
+    /// comes for a killed container), so these are left out of the set
+    /// until a start/unpause event, and forgotten once the list no longer
+    /// shows them.
+    down: BTreeSet<String>,
 }
 
 impl Seen {
+    /// A Docker event for container `id`.
+    pub fn event(&mut self, id: &str, action: &str) {
+        match action {
+            "die" | "stop" | "pause" | "destroy" => {
+                self.down.insert(id.to_string());
+            }
+            "start" | "unpause" => {
+                self.down.remove(id);
+            }
+            _ => {}
+        }
+    }
+
     /// The running containers of a service → the backend set (ordered by
     /// container name, each address once) and the containers newly found
     /// bad.
     pub fn backends(&mut self, running: &[Container]) -> (Vec<Target>, Vec<Skipped>) {
-        let mut sorted: Vec<&Container> = running.iter().collect();
+        self.down.retain(|id| running.iter().any(|c| &c.id == id));
+        let mut sorted: Vec<&Container> = running
+            .iter()
+            .filter(|c| !self.down.contains(&c.id))
+            .collect();
         sorted.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
         let mut set: Vec<Target> = Vec::new();
         let mut skipped = Vec::new();
@@ -215,6 +240,42 @@ mod tests {
                 .unwrap_err()
                 .contains("no ambassador.port")
         );
+    }
+
+    #[test]
+    fn a_container_that_died_is_left_out_while_the_list_lags() {
+        let a = c(
+            "a",
+            &[SVC, ("ambassador.port", "1")],
+            &[("n", "10.0.0.1", "")],
+        );
+        let b = c(
+            "b",
+            &[SVC, ("ambassador.port", "1")],
+            &[("n", "10.0.0.2", "")],
+        );
+        let both = [a.clone(), b.clone()];
+        let mut seen = Seen::default();
+        assert_eq!(seen.backends(&both).0.len(), 2);
+        // `die` arrives; the list made just after still shows b running.
+        seen.event(&b.id, "die");
+        let (set, _) = seen.backends(&both);
+        let s: Vec<String> = set.iter().map(|t| t.to_string()).collect();
+        assert_eq!(s, ["10.0.0.1:1"]);
+        // The list catches up: b is forgotten ...
+        assert_eq!(seen.backends(std::slice::from_ref(&a)).0.len(), 1);
+        // ... so when it runs again it is back, even without its start event.
+        assert_eq!(seen.backends(&both).0.len(), 2);
+        // pause/unpause, and a start after a die.
+        seen.event(&a.id, "pause");
+        assert_eq!(seen.backends(&both).0.len(), 1);
+        seen.event(&a.id, "unpause");
+        assert_eq!(seen.backends(&both).0.len(), 2);
+        seen.event(&a.id, "die");
+        seen.event(&a.id, "start");
+        assert_eq!(seen.backends(&both).0.len(), 2);
+        seen.event(&a.id, "kill");
+        assert_eq!(seen.backends(&both).0.len(), 2, "kill alone is not a death");
     }
 
     #[test]

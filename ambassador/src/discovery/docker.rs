@@ -18,7 +18,10 @@
 //!    missed; a replayed event costs one more list) and list again at each
 //!    start, die, stop, pause, unpause or destroy. Listing again rather
 //!    than patching the set from the event keeps one source of truth: the
-//!    list.
+//!    list — except that Docker sends some events (die, pause, unpause)
+//!    before its list shows them, so the list is made once it caught up
+//!    (`Job::follow`), and a container whose last event says it stopped is
+//!    left out until the list agrees (`Seen::event`).
 //!
 //! The socket lost (dockerd stopped or restarted): the last set keeps
 //! serving, one `WARN docker connection lost`, reconnects with the same
@@ -113,10 +116,10 @@ impl Job {
         let since = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs().saturating_sub(1));
-        let set = match self.list(&docker, seen, sent).await {
-            Ok(s) => s,
-            Err(e) => return e,
-        };
+        if let Err(e) = self.list(&docker, seen, sent).await {
+            return e;
+        }
+        let set = sent.clone().unwrap_or_default();
         if let Some(f) = first.take() {
             let _ = f.send(Ok(set));
         }
@@ -139,7 +142,9 @@ impl Job {
             match events.next().await {
                 Some(Ok(ev)) => {
                     tracing::debug!(listen = %self.listen, action = ?ev.action, "docker event");
-                    if let Err(e) = self.list(&docker, seen, sent).await {
+                    let id = ev.actor.and_then(|a| a.id).unwrap_or_default();
+                    let action = ev.action.unwrap_or_default();
+                    if let Err(e) = self.follow(&docker, seen, sent, &id, &action).await {
                         return e;
                     }
                 }
@@ -149,14 +154,48 @@ impl Job {
         }
     }
 
+    /// An event for container `id`: list again once Docker's list has
+    /// caught up with it. Docker 20.10 sends die, pause and unpause while
+    /// it holds the container's lock and updates its list after: the list
+    /// made at the event can still show the old state (a killed container
+    /// `running`, an unpaused one `paused`), and no later event comes. An
+    /// inspect takes that lock, so it returns once the update is done;
+    /// `Seen::event` keeps stopped containers out whatever the list says;
+    /// a container that should run and is not listed yet gets a few more
+    /// lists (100 ms, 200 ms, 400 ms apart).
+    async fn follow(
+        &self,
+        docker: &Docker,
+        seen: &mut Seen,
+        sent: &mut Option<Vec<Target>>,
+        id: &str,
+        action: &str,
+    ) -> Result<(), String> {
+        seen.event(id, action);
+        if !id.is_empty() {
+            let inspect = docker.inspect_container(id, None);
+            // Only a barrier: a container already removed answers 404.
+            let _ = tokio::time::timeout(CALL_TIMEOUT, inspect).await;
+        }
+        let up = matches!(action, "start" | "unpause");
+        for wait in [100, 200, 400, 0] {
+            let running = self.list(docker, seen, sent).await?;
+            if !up || running.iter().any(|c| c == id) || wait == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        Ok(())
+    }
+
     /// List the service's running containers, log the newly skipped ones,
-    /// send the set if it changed.
+    /// send the set if it changed. Returns the listed containers' ids.
     async fn list(
         &self,
         docker: &Docker,
         seen: &mut Seen,
         sent: &mut Option<Vec<Target>>,
-    ) -> Result<Vec<Target>, String> {
+    ) -> Result<Vec<String>, String> {
         let filters = HashMap::from([
             (
                 "label".to_string(),
@@ -191,7 +230,7 @@ impl Job {
                 backends: set.clone(),
             });
         }
-        Ok(set)
+        Ok(running.into_iter().map(|c| c.id).collect())
     }
 }
 

@@ -175,6 +175,8 @@ impl Feeds {
                 // at start is a bad --docker (one line, exit 2).
                 let wait = wait || d.kind == Kind::Docker;
                 let started = feeds.starter.start(d, f.listen, wait).map_err(|e| {
+                    // A refused client certificate looks like a dropped call.
+                    let e = d.tls.as_ref().map_or(e.clone(), |t| t.explain(&e));
                     match (&d.kind, f.source.contains(&d.url)) {
                         (Kind::Docker, _) => format!(
                             "{}: cannot reach docker at {}: {e}",

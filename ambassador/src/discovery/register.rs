@@ -162,6 +162,7 @@ async fn run(r: Registration) -> u8 {
     let (mut client, mut lease) = match grant_and_put(&r).await {
         Ok(v) => v,
         Err(e) => {
+            let e = r.tls.as_ref().map_or(e.clone(), |t| t.explain(&e));
             eprintln!("ambassador: error: --etcd {etcd}: cannot register: {e}");
             return 2;
         }

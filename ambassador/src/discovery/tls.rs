@@ -82,6 +82,34 @@ impl Tls {
     }
 }
 
+impl Tls {
+    /// `error` of a first call over TLS, with a hint when etcd only dropped
+    /// the connection. Under `--client-cert-auth`, TLS 1.3 checks the
+    /// client certificate after the handshake: a missing or refused one
+    /// closes the connection, and the call sees nothing but `operation was
+    /// canceled` or `transport error`. The hint names the certificate's
+    /// path (never its contents).
+    pub fn explain(&self, error: &str) -> String {
+        let dropped = ["operation was canceled", "transport error"]
+            .iter()
+            .any(|p| error.ends_with(p));
+        if !dropped {
+            return error.to_string();
+        }
+        match &self.identity {
+            None => format!(
+                "{error} (etcd closed the TLS connection: does it require a client \
+                 certificate? give --etcd-cert and --etcd-key)"
+            ),
+            Some((cert, _)) => format!(
+                "{error} (etcd closed the TLS connection: does it refuse the client \
+                 certificate {}? it must be signed by a CA in etcd's --trusted-ca-file)",
+                cert.display()
+            ),
+        }
+    }
+}
+
 /// Readable and with a PEM block of this kind (`PRIVATE KEY` also matches
 /// `RSA PRIVATE KEY`, `EC PRIVATE KEY`).
 fn check_file(flag: &str, path: &str, kind: &str) -> Result<(), String> {
@@ -152,6 +180,22 @@ mod tests {
             e.unwrap_err()
                 .starts_with("--ca /nonexistent/ca.pem: cannot read")
         );
+    }
+
+    #[test]
+    fn a_dropped_call_gets_a_hint_naming_the_certificate() {
+        let mut t = Tls {
+            ca: "/ca.pem".into(),
+            identity: None,
+        };
+        let e = t.explain("reading the prefix: operation was canceled");
+        assert!(e.contains("require a client certificate"), "{e}");
+        t.identity = Some(("/c.pem".into(), "/k.pem".into()));
+        let e = t.explain("granting a lease: transport error");
+        assert!(e.contains("refuse the client certificate /c.pem"), "{e}");
+        assert!(!e.contains("/k.pem"), "{e}");
+        let clear = "h: transport error: invalid peer certificate: UnknownIssuer";
+        assert_eq!(t.explain(clear), clear);
     }
 
     #[test]

@@ -214,7 +214,7 @@ fn sockmap_capabilities() {
     assert_ne!(chosen_engine(&log).as_deref(), Some("sockmap"), "{log}");
 
     // The minimum found for the in-kernel engine: every capability dropped but SYS_ADMIN
-    // (asked for by name: `auto` does not choose sockmap).
+    // (asked for by name, so that a skip would be an error, not a fallback).
     let mut args: Vec<&str> = SOCKMAP_CAPS.to_vec();
     args.extend_from_slice(&["--link", &link, amb, "--mode", "sockmap"]);
     let capped = c.run("amb-e2e-caps-", &args);

@@ -1,4 +1,5 @@
-//! `--mode auto` takes the best engine that starts and says why it skipped
+//! `--mode auto` takes the best engine that starts (sockmap only where its
+//! kernel program can cut repeated bytes) and says why it skipped
 //! the others; an explicitly requested engine that cannot start is an
 //! error. The restrictions apply to the child process only: a seccomp filter
 //! that makes io_uring_setup fail with EPERM (as Docker's default profile
@@ -39,14 +40,54 @@ fn ping(p: &Proxy) {
     assert_eq!(&b, b"ping");
 }
 
-/// With every privilege sockmap starts, but `auto` does not choose it yet
-/// (its fixes are soaked on one kernel only) and says so; uring is next.
+/// With every privilege sockmap starts and its kernel program cuts repeated
+/// bytes, but `auto` does not choose it yet (the guest soak found a stall
+/// not yet explained) and says so; uring is next.
 #[test]
-fn auto_probes_sockmap_but_does_not_choose_it() {
+fn auto_probes_sockmap_but_does_not_choose_it_yet() {
     let p = start("auto", false, false).expect("starts");
+    let log = p.log();
+    assert!(
+        log.contains("skbs that repeat bytes already spliced are cut in the kernel"),
+        "{log}"
+    );
+    let skipped = line_with(&log, "engine skipped engine=sockmap");
+    assert!(skipped.contains("not chosen by auto yet"), "{skipped}");
+    assert!(skipped.contains("--mode sockmap"), "{skipped}");
+    assert!(
+        log.contains("engine chosen engine=uring mode=auto"),
+        "{log}"
+    );
+    ping(&p);
+}
+
+/// With CAP_BPF and CAP_NET_ADMIN but neither CAP_PERFMON nor CAP_SYS_ADMIN
+/// the program loads without the cut: `auto` does not choose it (nor will
+/// it once the hold above is lifted), says why and how to opt in, and takes
+/// uring.
+#[test]
+fn auto_skips_sockmap_that_cannot_cut_repeated_bytes() {
+    let echo = echo_server();
+    let port = free_port();
+    let mut cmd = Command::new("capsh");
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .args([
+            "--drop=cap_perfmon,cap_sys_admin",
+            "--",
+            "-c",
+            "exec \"$0\" \"$@\"",
+            BIN,
+            "--mode",
+            "auto",
+            "--forward",
+            &format!("127.0.0.1:{port}=127.0.0.1:{echo}"),
+        ]);
+    let p = Proxy::spawn(cmd, port).expect("starts");
     let log = p.log();
     let skipped = line_with(&log, "engine skipped engine=sockmap");
     assert!(skipped.contains("not chosen by auto"), "{skipped}");
+    assert!(skipped.contains("CAP_PERFMON"), "{skipped}");
     assert!(skipped.contains("--mode sockmap"), "{skipped}");
     assert!(
         log.contains("engine chosen engine=uring mode=auto"),

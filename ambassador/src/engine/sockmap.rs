@@ -167,6 +167,12 @@ impl Sockmap {
         Self::with_capacity(settings.splice, capacity)
     }
 
+    /// Whether the kernel program cuts skbs that repeat bytes already
+    /// spliced, or why not (see [`bpf::Splicer::trims`]).
+    pub fn trims(&self) -> Result<(), String> {
+        self.splicer.borrow().trims().map_err(str::to_string)
+    }
+
     /// [`Sockmap::start`] with an explicit policy and capacity (connections).
     pub fn with_capacity(policy: SplicePolicy, capacity: u32) -> Result<Sockmap, String> {
         Self::with_options(policy, capacity, None)

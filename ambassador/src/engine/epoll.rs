@@ -251,6 +251,7 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         // No promotion from here on, and no pending request either: the
         // other direction must run to its EOF.
         let no_pause = Pause::new(None);
+        no_pause.eofs.set(pause.eofs.get());
         match steps {
             (Step::Paused, Step::Paused) => {
                 return Ok(Some(full));

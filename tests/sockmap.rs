@@ -452,21 +452,7 @@ fn slow_reader_is_bounded_and_lossless() {
 /// The receive window the peer of `s` advertises, and the bytes queued in `s` not sent yet
 /// (`TCP_INFO`: `tcpi_snd_wnd`, `tcpi_notsent_bytes`).
 fn send_window(s: &TcpStream) -> (u32, u32) {
-    use std::os::fd::AsRawFd;
-    // Safety: `tcp_info` is plain data; the kernel writes at most `len` bytes into it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // Safety: a live socket, and `len` is the size of `info`.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(r, 0, "TCP_INFO: {}", io::Error::last_os_error());
+    let info = ambassador::bpf::tcp_info(s).expect("TCP_INFO");
     (info.tcpi_snd_wnd, info.tcpi_notsent_bytes)
 }
 

@@ -542,7 +542,7 @@ pub fn established(fd: &impl AsRawFd) -> bool {
 }
 
 /// `TCP_INFO` of a socket.
-fn tcp_info(fd: &impl AsRawFd) -> io::Result<libc::tcp_info> {
+pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<libc::tcp_info> {
     // Safety: a zeroed `tcp_info` is a valid value; the kernel writes at
     // most `len` bytes into it.
     let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };

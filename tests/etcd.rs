@@ -149,12 +149,18 @@ fn a_forward_follows_the_registered_backends() {
     drop(clients);
 }
 
+/// An etcd and two redis servers, the first registered as `db/one` (a plain key, no lease).
+fn etcd_and_two_redis() -> (Etcd, Redis, Redis) {
+    let etcd = Etcd::start();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    etcd.put("/ambassador/services/db/one", &r1.addr());
+    (etcd, r1, r2)
+}
+
 #[test]
 fn a_lost_etcd_leaves_the_last_set_and_is_followed_again() {
-    let mut etcd = Etcd::start();
-    let (r1, r2) = (Redis::start(), Redis::start());
     // Plain keys (no lease): what is tested is the watcher, not lease time.
-    etcd.put("/ambassador/services/db/one", &r1.addr());
+    let (mut etcd, _r1, r2) = etcd_and_two_redis();
     let p = proxy(&etcd.url("db"), &[]);
     ping(&p);
 
@@ -179,9 +185,7 @@ fn a_lost_etcd_leaves_the_last_set_and_is_followed_again() {
 
 #[test]
 fn a_silent_etcd_is_noticed_and_followed_again() {
-    let etcd = Etcd::start();
-    let (r1, r2) = (Redis::start(), Redis::start());
-    etcd.put("/ambassador/services/db/one", &r1.addr());
+    let (etcd, _r1, r2) = etcd_and_two_redis();
     let p = proxy(&etcd.url("db"), &[]);
     ping(&p);
     // Stopped, not dead: no FIN, no RST; HTTP/2 keep-alive pings notice.
@@ -197,9 +201,7 @@ fn a_silent_etcd_is_noticed_and_followed_again() {
 
 #[test]
 fn a_bad_value_is_skipped_with_one_warning() {
-    let etcd = Etcd::start();
-    let (r1, r2) = (Redis::start(), Redis::start());
-    etcd.put("/ambassador/services/db/one", &r1.addr());
+    let (etcd, _r1, r2) = etcd_and_two_redis();
     etcd.put("/ambassador/services/db/bad", "127.0.0.1");
     // Through the config file this time.
     let dir = std::env::temp_dir().join(format!("ambassador-etcd-conf-{}", etcd.port));
@@ -274,9 +276,7 @@ fn wait_line(p: &Proxy, parts: &[&str], secs: u64) -> bool {
 
 #[test]
 fn a_reload_keeps_the_etcd_set_and_starts_new_watchers() {
-    let etcd = Etcd::start();
-    let (r1, r2) = (Redis::start(), Redis::start());
-    etcd.put("/ambassador/services/db/one", &r1.addr());
+    let (etcd, r1, r2) = etcd_and_two_redis();
     etcd.put("/ambassador/services/cache/one", &r2.addr());
     let dir = std::env::temp_dir().join(format!("ambassador-etcd-reload-{}", etcd.port));
     std::fs::create_dir_all(&dir).unwrap();

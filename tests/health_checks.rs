@@ -38,14 +38,7 @@ fn checks_take_a_dead_backend_down_and_bring_it_back() {
         >= 3));
     r1.kill();
     let down = format!("backend={}", r1.addr());
-    assert!(
-        wait_until(10, || p
-            .log()
-            .lines()
-            .any(|l| l.contains("backend down") && l.contains(&down))),
-        "{}",
-        p.log()
-    );
+    assert!(p.wait_line(&["backend down", &down], 10), "{}", p.log());
     let log = p.log();
     let line = log.lines().find(|l| l.contains("backend down")).unwrap();
     assert!(line.contains("failed health checks"), "{line}");
@@ -56,14 +49,7 @@ fn checks_take_a_dead_backend_down_and_bring_it_back() {
 
     // r1 back on its port: two good checks, then it takes clients again.
     let r1 = Redis::start_on(r1.port);
-    assert!(
-        wait_until(10, || p
-            .log()
-            .lines()
-            .any(|l| l.contains("backend up") && l.contains(&down))),
-        "{}",
-        p.log()
-    );
+    assert!(p.wait_line(&["backend up", &down], 10), "{}", p.log());
     let _held: Vec<_> = (0..4).map(|_| ping(&p)).collect();
     assert!(
         r1.info("clients", "connected_clients") >= 3,

@@ -2,47 +2,15 @@
 //! here, the ambassador configured only by a link variable, and
 //! redis-benchmark plus a byte-exact 1 MiB SET/GET through it, per engine.
 
+#[path = "support/redis.rs"]
+mod redis;
 mod support;
 
+use redis::Redis;
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use support::*;
-
-struct Redis(Child, u16);
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "redis did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis(child, port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// SET then GET a value of `n` random bytes with raw RESP.
 fn set_get(addr: &str, n: usize) {
@@ -68,7 +36,7 @@ fn classic(mode: &str) {
     cmd.env_clear()
         .env(
             format!("DB_PORT_{listen}_TCP"),
-            format!("tcp://127.0.0.1:{}", redis.1),
+            format!("tcp://127.0.0.1:{}", redis.port),
         )
         .args(["--mode", mode]);
     let mut p = Proxy::spawn(cmd, listen).expect("ambassador ready");

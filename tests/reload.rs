@@ -198,14 +198,7 @@ fn reload_under_load(mode: &str) {
         p.signal(libc::SIGUSR1);
         let source = format!("{}[pg]", cfg.path);
         let want = format!("forward={source} ");
-        assert!(
-            wait_until(10, || p
-                .log()
-                .lines()
-                .any(|l| l.contains(" stats ") && l.contains(&want))),
-            "{}",
-            p.log()
-        );
+        assert!(p.wait_line(&[" stats ", &want], 10), "{}", p.log());
         let spliced = p.stat_for(&source, "spliced_to_upstream");
         assert!(spliced.unwrap_or(0) > 0, "{}", p.log());
     }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------- helpers
 
 use ambassador_test_support::stream::{Stream as Prng, recv_stream, send_stream};
-use ambassador_test_support::{free_port, stat as stat_in, stats_line};
+use ambassador_test_support::{free_port, stat as stat_in, stats_line, wait_until};
 
 fn settings(idle: Option<Duration>) -> Settings {
     Settings {
@@ -416,6 +416,7 @@ fn slow_reader_is_bounded_and_lossless() {
     let p2 = pushed.clone();
     let (stalled_at, r) = with_proxy(64, None, upstream, move |addr| {
         let mut s = TcpStream::connect(addr).unwrap();
+        let probe = s.try_clone().unwrap();
         let w = thread::spawn(move || {
             let mut g = Prng::new(7);
             let mut buf = vec![0u8; 64 * 1024];
@@ -431,9 +432,22 @@ fn slow_reader_is_bounded_and_lossless() {
             let mut rest = Vec::new();
             s.read_to_end(&mut rest).unwrap();
         });
-        // The reader is not reading: how far does the writer get?
-        thread::sleep(Duration::from_millis(1500));
+        // The reader is not reading: how far does the writer get? Wait until it is blocked —
+        // the proxy advertises a zero window, so the client's socket holds bytes it cannot
+        // send, and nothing more was pushed since the last look — however long that takes.
+        let mut last = u64::MAX;
+        let blocked = wait_until(Duration::from_secs(120), || {
+            let now = pushed.load(Relaxed);
+            let (window, unsent) = send_window(&probe);
+            let stalled = window == 0 && unsent > 0 && now == last;
+            last = now;
+            stalled
+        });
         let stalled_at = pushed.load(Relaxed);
+        assert!(
+            blocked,
+            "the writer never blocked ({stalled_at} bytes pushed)"
+        );
         let (m, cv) = &*go;
         *m.lock().unwrap() = true;
         cv.notify_all();
@@ -451,6 +465,13 @@ fn slow_reader_is_bounded_and_lossless() {
     assert_eq!(r.spliced_to_upstream + r.copied_to_upstream, TOTAL, "{r:?}");
     assert_eq!(r.relay_errors, 0, "{r:?}");
     assert_clean(&r);
+}
+
+/// The receive window the peer of `s` advertises, and the bytes queued in `s` not sent yet
+/// (`TCP_INFO`: `tcpi_snd_wnd`, `tcpi_notsent_bytes`).
+fn send_window(s: &TcpStream) -> (u32, u32) {
+    let info = ambassador::bpf::tcp_info(s).expect("TCP_INFO");
+    (info.tcpi_snd_wnd, info.tcpi_notsent_bytes)
 }
 
 /// How a reset test's far side ends.

@@ -16,7 +16,7 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use ambassador_common::{
     DirCtrl, DirStats, GLOBAL_TRIM, MAP_CTRL, MAP_EVENTS, MAP_PEERS, MAP_STATS, MAP_VERDICT,
@@ -530,24 +530,8 @@ pub fn has_bpf_caps() -> bool {
 }
 
 /// `SO_COOKIE`: the socket's never-reused 64-bit id, our map key.
-pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut c: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // Safety: `fd` is a live socket borrowed for the call; `c`/`len` are
-    // valid for writes of the size we pass.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut c).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(c)
+pub fn socket_cookie(fd: &impl AsFd) -> io::Result<u64> {
+    socket2::SockRef::from(fd).cookie()
 }
 
 /// Is the socket still ESTABLISHED? A socket whose peer already sent FIN
@@ -558,7 +542,7 @@ pub fn established(fd: &impl AsRawFd) -> bool {
 }
 
 /// `TCP_INFO` of a socket.
-fn tcp_info(fd: &impl AsRawFd) -> io::Result<libc::tcp_info> {
+pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<libc::tcp_info> {
     // Safety: a zeroed `tcp_info` is a valid value; the kernel writes at
     // most `len` bytes into it.
     let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -736,21 +720,12 @@ fn wait_for(fd: &impl AsRawFd, events: libc::c_short) -> bool {
     n == 1 && p.revents & events != 0
 }
 
-/// `SO_ERROR` (0 = none).
-pub fn so_error(fd: &impl AsRawFd) -> i32 {
-    let mut v: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // Safety: live fd, valid out pointers.
-    unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&raw mut v).cast(),
-            &mut len,
-        )
-    };
-    v
+/// `SO_ERROR` (0 = none, also when it cannot be read).
+pub fn so_error(fd: &impl AsFd) -> i32 {
+    match socket2::SockRef::from(fd).take_error() {
+        Ok(Some(e)) => e.raw_os_error().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 #[cfg(test)]

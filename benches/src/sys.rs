@@ -7,7 +7,7 @@
 
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -211,7 +211,7 @@ pub fn run_capture(
 
 /// A free loopback port (bind :0, read it, release it).
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(ambassador_test_support::free_ports::<1>()?[0])
 }
 
 /// Raise our soft RLIMIT_NOFILE to the hard limit (no CAP_SYS_RESOURCE here, so

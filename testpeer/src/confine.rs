@@ -6,6 +6,8 @@ use crate::*;
 use std::io::{self};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+
+use ambassador_test_support::seccomp;
 // `wrap`: run a command unprivileged and/or under seccomp.
 
 /// Which syscalls the seccomp wrapper refuses.
@@ -19,38 +21,15 @@ pub(crate) enum Seccomp {
     UringBpf,
 }
 
-/// The seccomp program (classic BPF) for `which`: refused syscalls return EPERM, everything
-/// else is allowed.
-pub(crate) fn seccomp_filter(which: Seccomp) -> Vec<libc::sock_filter> {
-    const LD_W_ABS: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
-    const RET_K: u16 = 0x06;
-    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
-    const ALLOW: u32 = 0x7FFF_0000;
-    const ERRNO_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
-    let st = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    vec![
-        st(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
-        st(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
-        st(RET_K, 0, 0, ALLOW),
-        st(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
-        st(JEQ_K, 4, 0, 425),
-        st(JEQ_K, 3, 0, 426),
-        st(JEQ_K, 2, 0, 427),
-        // bpf: refused only for UringBpf (otherwise compare against an impossible number).
-        st(
-            JEQ_K,
-            1,
-            0,
-            if which == Seccomp::UringBpf {
-                321
-            } else {
-                u32::MAX
-            },
-        ),
-        st(RET_K, 0, 0, ALLOW),
-        st(RET_K, 0, 0, ERRNO_EPERM),
-    ]
+/// The seccomp filter for `which` (built by `ambassador_test_support::seccomp` with the
+/// `seccompiler` crate, which checks the architecture first): refused syscalls return EPERM,
+/// everything else is allowed.
+pub(crate) fn seccomp_filter(which: Seccomp) -> io::Result<seccomp::Filter> {
+    match which {
+        Seccomp::Off => seccomp::deny(&[]),
+        Seccomp::Uring => seccomp::deny(seccomp::IO_URING),
+        Seccomp::UringBpf => seccomp::deny(&[seccomp::IO_URING, seccomp::BPF].concat()),
+    }
 }
 
 /// Apply the wrapper options to `cmd`: `nonroot` switches to uid/gid 65534 (setuid from root
@@ -63,24 +42,11 @@ pub(crate) fn confine(cmd: &mut Command, nonroot: bool, seccomp: Seccomp) {
     }
     if seccomp != Seccomp::Off {
         let filter = seccomp_filter(seccomp);
-        // Safety: the closure only makes async-signal-safe prctl() calls on memory captured
-        // before fork; `filter` outlives the call.
+        // Safety: `apply` makes two syscalls (prctl, seccomp) on memory built before fork.
         unsafe {
-            cmd.pre_exec(move || {
-                let prog = libc::sock_fprog {
-                    len: filter.len() as u16,
-                    filter: filter.as_ptr() as *mut _,
-                };
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                    || libc::prctl(
-                        libc::PR_SET_SECCOMP,
-                        libc::SECCOMP_MODE_FILTER,
-                        &prog as *const libc::sock_fprog,
-                    ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
+            cmd.pre_exec(move || match &filter {
+                Ok(f) => f.apply(),
+                Err(e) => Err(io::Error::other(e.to_string())),
             });
         }
     }

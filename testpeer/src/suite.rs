@@ -5,7 +5,7 @@
 
 use crate::*;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -205,16 +205,7 @@ pub(crate) struct Running {
 /// held until all three are known, so the kernel cannot hand out the same port twice. (Another
 /// process may still take one before the ambassador binds it: `run_cell` retries once.)
 pub(crate) fn free_ports() -> Res<[u16; 3]> {
-    let ls = [
-        ctx(TcpListener::bind("127.0.0.1:0"), "bind")?,
-        ctx(TcpListener::bind("127.0.0.1:0"), "bind")?,
-        ctx(TcpListener::bind("127.0.0.1:0"), "bind")?,
-    ];
-    let mut ports = [0u16; 3];
-    for (p, l) in ports.iter_mut().zip(&ls) {
-        *p = ctx(l.local_addr(), "local_addr")?.port();
-    }
-    Ok(ports)
+    ctx(ambassador_test_support::free_ports::<3>(), "bind")
 }
 
 /// Start the ambassador and wait (bounded) for `ready` or for its exit.

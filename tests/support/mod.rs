@@ -6,9 +6,10 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ambassador");
 
@@ -21,6 +22,8 @@ pub struct Proxy {
     pub child: Child,
     pub log: Arc<Mutex<String>>,
     pub port: u16,
+    /// Set once the log reader saw the end of stderr: the log is complete.
+    log_done: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -62,6 +65,8 @@ impl Proxy {
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         let log2 = log.clone();
+        let log_done = Arc::new(AtomicBool::new(false));
+        let done2 = log_done.clone();
         thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -74,9 +79,15 @@ impl Proxy {
                 l.push_str(&line);
                 l.push('\n');
             }
+            done2.store(true, Ordering::SeqCst);
         });
         match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(()) => Ok(Proxy { child, log, port }),
+            Ok(()) => Ok(Proxy {
+                child,
+                log,
+                port,
+                log_done,
+            }),
             Err(_) => {
                 let code = match child.try_wait() {
                     Ok(Some(st)) => st.code(),
@@ -85,7 +96,8 @@ impl Proxy {
                         child.wait().ok().and_then(|s| s.code())
                     }
                 };
-                thread::sleep(Duration::from_millis(100));
+                // The process is gone: wait (bounded) for the reader to reach the end of its log.
+                wait_until(5, || log_done.load(Ordering::SeqCst));
                 let l = log.lock().unwrap().clone();
                 Err((code, l))
             }
@@ -116,6 +128,15 @@ impl Proxy {
         wait_until(secs, || self.log().contains(needle))
     }
 
+    /// Wait for a log line that contains every one of `parts` (up to `secs`).
+    pub fn wait_line(&self, parts: &[&str], secs: u64) -> bool {
+        wait_until(secs, || {
+            self.log()
+                .lines()
+                .any(|l| parts.iter().all(|p| l.contains(p)))
+        })
+    }
+
     /// How many times `needle` occurs in the log.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
@@ -137,16 +158,20 @@ impl Proxy {
     }
 
     /// Wait for exit (up to `secs`), returning the exit code.
+    /// The log is then complete (the reader saw the end of stderr, waited for up to 5 s more).
     pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(secs) {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                thread::sleep(Duration::from_millis(50)); // let the log reader finish
-                return st.code();
+        let mut code = None;
+        if !wait_until(secs, || match self.child.try_wait() {
+            Ok(Some(st)) => {
+                code = st.code();
+                true
             }
-            thread::sleep(Duration::from_millis(20));
+            _ => false,
+        }) {
+            return None;
         }
-        None
+        wait_until(5, || self.log_done.load(Ordering::SeqCst));
+        code
     }
 
     /// The last `stats` line's value for `key` (after SIGUSR1 or exit).

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Redis {
     pub child: Option<Child>,
@@ -33,11 +33,10 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server)");
-        let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "redis did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            crate::support::wait_until(10, || TcpStream::connect(("127.0.0.1", port)).is_ok()),
+            "redis did not start"
+        );
         Redis {
             child: Some(child),
             port,
@@ -54,11 +53,11 @@ impl Redis {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let t = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            assert!(t.elapsed() < Duration::from_secs(10), "redis still answers");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            crate::support::wait_until(10, || TcpStream::connect(("127.0.0.1", self.port))
+                .is_err()),
+            "redis still answers"
+        );
     }
 
     /// `INFO <section>` field `key`, asked directly (not through a proxy).

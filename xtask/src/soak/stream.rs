@@ -1,8 +1,10 @@
 //! Deterministic randomness: [`Rng`] (splitmix64) draws the script's
-//! decisions, [`ByteStream`] (xorshift64*) is the content of one direction of
+//! decisions, [`ByteStream`] (the shared test stream) is the content of one direction of
 //! one connection. Both ends build the same generators from the connection's
 //! seed, so the receiver checks every byte as it arrives and nothing is ever
 //! buffered beyond one read.
+
+use ambassador_test_support::Stream;
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -43,50 +45,26 @@ impl Rng {
     }
 }
 
-/// The bytes of one direction: xorshift64* words, little endian, in order.
-/// `pos` counts the bytes produced so far (the stream offset).
+/// The bytes of one direction: `ambassador_test_support`'s stream, whose
+/// bytes do not depend on how it is cut into reads and writes. `pos` counts
+/// the bytes produced so far (the stream offset).
 pub struct ByteStream {
-    state: u64,
-    word: [u8; 8],
-    used: usize,
+    stream: Stream,
     pub pos: u64,
 }
 
 impl ByteStream {
     pub fn new(seed: u64) -> Self {
         ByteStream {
-            state: mix(seed) | 1,
-            word: [0; 8],
-            used: 8,
+            stream: Stream::new(mix(seed)),
             pos: 0,
         }
-    }
-
-    fn next_word(&mut self) -> [u8; 8] {
-        let x = &mut self.state;
-        *x ^= *x >> 12;
-        *x ^= *x << 25;
-        *x ^= *x >> 27;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
     }
 
     /// The next `buf.len()` bytes of the stream.
     pub fn fill(&mut self, buf: &mut [u8]) {
         self.pos += buf.len() as u64;
-        let take = (8 - self.used).min(buf.len());
-        buf[..take].copy_from_slice(&self.word[self.used..self.used + take]);
-        self.used += take;
-        let rest = &mut buf[take..];
-        let mut chunks = rest.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_word());
-        }
-        let tail = chunks.into_remainder();
-        if !tail.is_empty() {
-            self.word = self.next_word();
-            tail.copy_from_slice(&self.word[..tail.len()]);
-            self.used = tail.len();
-        }
+        self.stream.fill(buf);
     }
 }
 

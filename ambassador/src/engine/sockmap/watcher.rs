@@ -7,9 +7,10 @@
 //! at once.
 
 use aya::maps::{MapData, RingBuf};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -33,7 +34,7 @@ pub struct Slot {
 /// It also owns the `EVENTS` ring buffer and wakes the connection whose
 /// socket just started passing bytes (see `ambassador_common::DirCtrl`).
 pub struct Watcher {
-    epfd: Arc<OwnedFd>,
+    epoll: Arc<Epoll>,
     slots: Arc<Mutex<Slots>>,
     stop: Arc<AtomicBool>,
 }
@@ -47,34 +48,19 @@ struct Slots {
 
 impl Watcher {
     pub fn start(mut ring: RingBuf<MapData>) -> io::Result<Self> {
-        // Safety: plain syscall; the fd is owned right away.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // Safety: `fd` is a fresh fd nobody else owns.
-        let epfd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: RING_TOKEN,
-        };
-        // Safety: live fds, valid event struct.
-        if unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, ring.as_raw_fd(), &mut ev) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
+        epoll.add(&ring, EpollEvent::new(EpollFlags::EPOLLIN, RING_TOKEN))?;
         let slots: Arc<Mutex<Slots>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (e, s, st) = (epfd.clone(), slots.clone(), stop.clone());
+        let (e, s, st) = (epoll.clone(), slots.clone(), stop.clone());
         std::thread::Builder::new()
             .name("sockmap-watch".into())
             .spawn(move || {
-                let mut evs = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+                let mut evs = vec![EpollEvent::empty(); 256];
                 while !st.load(Ordering::Relaxed) {
-                    // Safety: `evs` has room for the count passed.
-                    let n = unsafe {
-                        libc::epoll_wait(e.as_raw_fd(), evs.as_mut_ptr(), evs.len() as i32, 200)
-                    };
-                    for ev in evs.iter().take(n.max(0) as usize) {
+                    // An error (EINTR) is no event; the loop looks at `stop` and waits again.
+                    let n = e.wait(&mut evs, 200u16).unwrap_or(0);
+                    for ev in evs.iter().take(n) {
                         let slots = s.lock().unwrap();
                         let wake = |token: u64, side: usize, bits: u32| {
                             if let Some(slot) = slots.by_token.get(&token) {
@@ -82,8 +68,12 @@ impl Watcher {
                                 slot.notify.notify_one();
                             }
                         };
-                        if ev.u64 != RING_TOKEN {
-                            wake(ev.u64 >> 1, (ev.u64 & 1) as usize, ev.events);
+                        if ev.data() != RING_TOKEN {
+                            wake(
+                                ev.data() >> 1,
+                                (ev.data() & 1) as usize,
+                                ev.events().bits() as u32,
+                            );
                             continue;
                         }
                         while let Some(item) = ring.next() {
@@ -99,7 +89,7 @@ impl Watcher {
                     }
                 }
             })?;
-        Ok(Watcher { epfd, slots, stop })
+        Ok(Watcher { epoll, slots, stop })
     }
 
     pub fn add(&self, token: u64, fds: [RawFd; 2], cookies: [u64; 2]) -> io::Result<Arc<Slot>> {
@@ -114,18 +104,14 @@ impl Watcher {
             slots.by_cookie.insert(cookies[1], (token, 1));
         }
         for (side, fd) in fds.iter().enumerate() {
-            let mut ev = libc::epoll_event {
-                events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                u64: (token << 1) | side as u64,
-            };
-            // Safety: live fds, valid event struct.
-            let r = unsafe {
-                libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, *fd, &mut ev)
-            };
-            if r != 0 {
-                let e = io::Error::last_os_error();
+            let ev = EpollEvent::new(
+                EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET,
+                (token << 1) | side as u64,
+            );
+            // Safety: the caller's connection owns `fds` and outlives its watch.
+            if let Err(e) = self.epoll.add(unsafe { BorrowedFd::borrow_raw(*fd) }, ev) {
                 self.remove(token, fds, cookies);
-                return Err(e);
+                return Err(e.into());
             }
         }
         Ok(slot)
@@ -133,15 +119,9 @@ impl Watcher {
 
     pub fn remove(&self, token: u64, fds: [RawFd; 2], cookies: [u64; 2]) {
         for fd in fds {
-            // Safety: at worst ENOENT/EBADF, which we ignore.
-            unsafe {
-                libc::epoll_ctl(
-                    self.epfd.as_raw_fd(),
-                    libc::EPOLL_CTL_DEL,
-                    fd,
-                    std::ptr::null_mut(),
-                )
-            };
+            // Not registered (a failed `add`): ENOENT, ignored.
+            // Safety: the caller's connection owns `fds` and outlives its watch.
+            let _ = self.epoll.delete(unsafe { BorrowedFd::borrow_raw(fd) });
         }
         let mut slots = self.slots.lock().unwrap();
         slots.by_token.remove(&token);

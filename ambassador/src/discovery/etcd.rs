@@ -28,8 +28,8 @@
 //! instead of a forward that silently has no backend (unless
 //! `--etcd-start-empty`). A reload that adds an etcd forward does not wait.
 
-use super::tls::Tls;
 use super::hub;
+use super::tls::Tls;
 use super::{Discovery, Kind};
 use crate::config::{Forward, Target};
 use etcdv3client::grpc::TonicClient;

@@ -21,6 +21,9 @@ use crate::config::Target;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
+/// A key and its value.
+type Kv = (Vec<u8>, Vec<u8>);
+
 /// A watch event, as the fan-out needs it.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -94,7 +97,7 @@ impl Fanout {
     /// A fresh read of the whole root replaces everything known; every
     /// forward whose set differs from the one it was sent gets it.
     pub fn reset(&mut self, kvs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Vec<Out> {
-        let mut by: BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+        let mut by: BTreeMap<String, Vec<Kv>> = BTreeMap::new();
         for (k, v) in kvs {
             if let Some(s) = service_of(&k) {
                 by.entry(s.to_string()).or_default().push((k, v));

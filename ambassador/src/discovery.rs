@@ -19,10 +19,12 @@
 //! layout, turning the keys under a prefix into a backend set ([`View`],
 //! which skips a value that is not a `HOST:PORT` with one warning naming
 //! the key, never half-parsing it), and when to log a lost or regained
-//! connection ([`Link`]: once each way). The I/O is in `discovery/etcd.rs`
-//! (a watcher on its own thread, which sends each new backend set to the
-//! server's runtime; the server applies it like a reload that changed the
-//! forward's backends) and `discovery/register.rs`.
+//! connection ([`Link`]: once each way). The I/O is in `discovery/hub.rs`
+//! (one thread, connection and watch of the root for every forward that
+//! dials the same etcd; [`fanout`] decides which forward gets which set,
+//! and each new set goes to the server's runtime, which applies it like a
+//! reload that changed the forward's backends), `discovery/etcd.rs` (the
+//! client, and starting watchers) and `discovery/register.rs`.
 //!
 //! A forward can also follow Docker instead (`docker://SERVICE`, with
 //! `--docker [SOCKET]`): running containers labelled
@@ -35,6 +37,8 @@
 pub mod containers;
 pub mod docker;
 pub mod etcd;
+pub mod fanout;
+pub mod hub;
 pub mod register;
 pub mod tls;
 
@@ -241,6 +245,11 @@ impl View {
 
     pub fn delete(&mut self, key: &[u8]) {
         self.kvs.remove(key);
+    }
+
+    /// No key left.
+    pub fn is_empty(&self) -> bool {
+        self.kvs.is_empty()
     }
 
     pub fn backends(&mut self) -> (Vec<Target>, Vec<Skipped>) {

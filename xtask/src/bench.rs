@@ -49,11 +49,18 @@ pub struct Args {
     /// Override the seconds per figure.
     #[arg(long)]
     pub secs: Option<u32>,
+    /// Discovery at scale instead: 1,000 etcd services x 10 endpoints, 1,000 etcd forwards
+    /// (`benches/discovery.py`); `$AMBASSADOR_BEFORE_BIN` adds a row for another binary.
+    #[arg(long)]
+    pub discovery: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.smoke {
         return smoke();
+    }
+    if a.discovery {
+        return discovery();
     }
     let bin = prepare()?;
     let mut extra: Vec<String> = vec![
@@ -103,6 +110,41 @@ pub fn smoke() -> Result<()> {
         out.display()
     );
     eprintln!("bench smoke: ok ({n} files in {})", out.display());
+    Ok(())
+}
+
+/// `--discovery`: RSS, threads, etcd connections and change-to-first-connection
+/// p50/p99 over 200 moves, one JSON line per binary into
+/// `benches/results/<date>-discovery.jsonl` (method: docs/benchmarks.md).
+fn discovery() -> Result<()> {
+    apt_install(&["etcd-server", "iproute2", "python3"])?;
+    let bin = prepare()?;
+    let date = String::from_utf8(Command::new("date").arg("-u").arg("+%F").output()?.stdout)?;
+    let out = root().join(format!("benches/results/{}-discovery.jsonl", date.trim()));
+    let mut bins = vec![bin];
+    if let Some(b) = std::env::var_os("AMBASSADOR_BEFORE_BIN") {
+        bins.push(PathBuf::from(b));
+    }
+    let mut lines = String::new();
+    for b in bins {
+        let o = Command::new("timeout")
+            .arg("400")
+            .arg("python3")
+            .arg(root().join("benches/discovery.py"))
+            .arg(&b)
+            .arg("200")
+            .output()
+            .context("running benches/discovery.py")?;
+        anyhow::ensure!(
+            o.status.success(),
+            "benches/discovery.py {}: {}",
+            b.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        lines.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    eprint!("{lines}");
+    std::fs::write(&out, lines).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 

@@ -1,34 +1,38 @@
-//! The etcd side of discovery: a watcher per forward, on its own thread.
+//! The etcd side of discovery: the client, and starting watchers.
 //!
 //! The server runs on one thread with `Rc` state; the etcd client (tonic,
-//! gRPC over HTTP/2) wants a runtime of its own and `Send` futures. So each
-//! etcd-backed forward gets a small thread with a current-thread tokio
-//! runtime, and the two sides meet at one channel: the watcher sends an
-//! [`Update`] (the forward's whole new backend set) and the server's main
-//! loop applies it with the reload machinery (`Upstreams::replacing`: kept
-//! backends keep their health and counters, live connections keep their
-//! backend and drain).
+//! gRPC over HTTP/2) wants a runtime of its own and `Send` futures. So the
+//! watching happens on other threads, and the two sides meet at one
+//! channel: a watcher sends an [`Update`] (a forward's whole new backend
+//! set) and the server's main loop applies it with the reload machinery
+//! (`Upstreams::replacing`: kept backends keep their health and counters,
+//! live connections keep their backend and drain).
 //!
-//! A watcher's life is a loop of *sessions*:
+//! etcd forwards that dial the same endpoints with the same TLS settings
+//! share one *hub* (`discovery/hub.rs`): one thread, one connection, one
+//! read and one watch of the root, whatever the number of forwards. Its
+//! life is a loop of *sessions*:
 //!
-//! 1. connect, read the prefix (one `Range`), send the set;
-//! 2. watch the prefix from the read's revision + 1, apply each event to
-//!    the [`View`] and send the set when it changed;
-//! 3. the watch ends: etcd was lost (warn once, keep the last set, retry
+//! 1. connect, read the root (one `Range`), send each forward its set;
+//! 2. watch the root from the read's revision + 1, apply each event to the
+//!    service's [`super::View`] and send the sets that changed;
+//! 3. the watch ends: etcd was lost (warn once, keep the last sets, retry
 //!    with a back-off up to 4 s, `etcd connection back` once it works), or
 //!    the watch was compacted or cancelled (start again at 1 after 250 ms:
 //!    a fresh read is the only way to be sure nothing was missed).
+//!
+//! A Docker forward still gets its own thread (`discovery/docker.rs`).
 //!
 //! At start-up [`Feeds::start_all`] waits for each first read, so that an
 //! etcd that cannot be reached is one error line naming the URL (exit 2)
 //! instead of a forward that silently has no backend (unless
 //! `--etcd-start-empty`). A reload that adds an etcd forward does not wait.
 
+use super::hub;
 use super::tls::Tls;
-use super::{Backoff, Discovery, Kind, Link, View};
+use super::{Discovery, Kind};
 use crate::config::{Forward, Target};
 use etcdv3client::grpc::TonicClient;
-use etcdv3client::pb;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -49,12 +53,19 @@ pub struct Update {
     pub backends: Vec<Target>,
 }
 
-/// A running watcher; dropping it stops the thread (at its next await).
+/// A running watcher; dropping it stops it (a Docker watcher's thread at
+/// its next await; an etcd forward leaves its hub).
 #[derive(Debug)]
 pub struct Watcher {
     pub id: u64,
     pub discovery: Discovery,
-    _stop: oneshot::Sender<()>,
+    _stop: Stop,
+}
+
+#[derive(Debug)]
+enum Stop {
+    Thread(#[allow(dead_code)] oneshot::Sender<()>),
+    Hub(#[allow(dead_code)] super::hub::Unsub),
 }
 
 /// Connect to the first endpoint that answers within [`CALL_TIMEOUT`].
@@ -139,11 +150,17 @@ pub async fn timed<T, E: std::fmt::Display>(
     }
 }
 
-/// Starts watchers; every one sends on the same channel.
+/// Starts watchers; every one sends on the same channel. etcd forwards
+/// that dial the same endpoints with the same TLS settings share one hub
+/// (one thread, connection and watch: see `discovery/hub.rs`).
 pub struct Starter {
     tx: mpsc::UnboundedSender<Update>,
     next: u64,
+    hubs: Vec<(HubKey, mpsc::UnboundedSender<hub::Cmd>)>,
 }
+
+/// What makes two etcd forwards share a hub.
+type HubKey = (Vec<String>, Option<Tls>);
 
 /// The watchers started before serving, and where their updates arrive.
 pub struct Feeds {
@@ -158,7 +175,11 @@ impl Feeds {
     pub fn none() -> Feeds {
         let (tx, rx) = mpsc::unbounded_channel();
         Feeds {
-            starter: Starter { tx, next: 0 },
+            starter: Starter {
+                tx,
+                next: 0,
+                hubs: Vec::new(),
+            },
             rx,
             started: BTreeMap::new(),
         }
@@ -209,10 +230,67 @@ impl Starter {
         wait: bool,
     ) -> Result<(Watcher, Vec<Target>), String> {
         self.next += 1;
-        spawn(d, listen, self.next, self.tx.clone(), wait)
+        match d.kind {
+            Kind::Docker => spawn(d, listen, self.next, self.tx.clone(), wait),
+            Kind::Etcd => self.subscribe(d, listen, self.next, wait),
+        }
+    }
+
+    /// Join (or start) the hub of `d`'s endpoints and TLS settings.
+    fn subscribe(
+        &mut self,
+        d: &Discovery,
+        listen: SocketAddr,
+        id: u64,
+        wait: bool,
+    ) -> Result<(Watcher, Vec<Target>), String> {
+        let key: HubKey = (d.endpoints.clone(), d.tls.clone());
+        // A hub whose thread is gone (it could not start) is replaced.
+        self.hubs.retain(|(_, tx)| !tx.is_closed());
+        let tx = match self.hubs.iter().find(|(k, _)| *k == key) {
+            Some((_, tx)) => tx.clone(),
+            None => {
+                let tx = hub::spawn(key.0.clone(), key.1.clone(), self.tx.clone(), watch_from())?;
+                self.hubs.push((key, tx.clone()));
+                tx
+            }
+        };
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let add = hub::Cmd::Add {
+            id,
+            listen,
+            service: d.service.clone(),
+            first: wait.then_some(first_tx),
+        };
+        tx.send(add)
+            .map_err(|_| "the etcd watcher is not running".to_string())?;
+        let unsub = hub::Unsub { id, tx };
+        let initial = match wait {
+            true => match first_rx.recv() {
+                Ok(Ok(set)) => set,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err("the watcher ended before its first read".into()),
+            },
+            false => Vec::new(),
+        };
+        let w = Watcher {
+            id,
+            discovery: d.clone(),
+            _stop: Stop::Hub(unsub),
+        };
+        Ok((w, initial))
     }
 }
 
+/// A test hook: the first watch starts at this revision instead of after
+/// the read (an old, compacted one makes etcd cancel it).
+fn watch_from() -> Option<i64> {
+    std::env::var("AMBASSADOR_ETCD_TEST_WATCH_FROM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
+/// A Docker forward's watcher: its own thread (it follows one socket).
 fn spawn(
     d: &Discovery,
     listen: SocketAddr,
@@ -223,18 +301,11 @@ fn spawn(
     let (stop, stop_rx) = oneshot::channel();
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let first = wait.then_some(first_tx);
-    // A test hook: the first watch starts at this revision instead of
-    // after the read (an old, compacted one makes etcd cancel it).
-    let watch_from = std::env::var("AMBASSADOR_ETCD_TEST_WATCH_FROM")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let kind = d.kind.clone();
-    let job = Job {
+    let job = super::docker::Job {
         d: d.clone(),
         listen,
         id,
         tx,
-        watch_from: std::cell::Cell::new(watch_from),
     };
     std::thread::Builder::new()
         .name(format!("{} {listen}", d.kind_name()))
@@ -244,22 +315,8 @@ fn spawn(
                 .build();
             match rt {
                 Ok(rt) => rt.block_on(async move {
-                    let work = async move {
-                        match kind {
-                            Kind::Etcd => job.run(first).await,
-                            Kind::Docker => {
-                                let job = super::docker::Job {
-                                    d: job.d,
-                                    listen: job.listen,
-                                    id: job.id,
-                                    tx: job.tx,
-                                };
-                                job.run(first).await
-                            }
-                        }
-                    };
                     tokio::select! {
-                        () = work => {}
+                        () = job.run(first) => {}
                         _ = stop_rx => {}
                     }
                 }),
@@ -283,152 +340,13 @@ fn spawn(
     let w = Watcher {
         id,
         discovery: d.clone(),
-        _stop: stop,
+        _stop: Stop::Thread(stop),
     };
     Ok((w, initial))
 }
 
-/// What a watcher thread works on.
-struct Job {
-    d: Discovery,
-    listen: SocketAddr,
-    id: u64,
-    tx: mpsc::UnboundedSender<Update>,
-    /// `AMBASSADOR_ETCD_TEST_WATCH_FROM`, for the first watch only.
-    watch_from: std::cell::Cell<Option<i64>>,
-}
-
 /// The first read's result, for [`Starter::start`] with `wait`.
 pub type First = std::sync::mpsc::Sender<Result<Vec<Target>, String>>;
-
-/// How a session ended.
-enum End {
-    /// Compacted or cancelled watch: read again (after a short pause).
-    Resync(&'static str),
-    /// etcd could not be reached, or the connection broke.
-    Lost(String),
-}
-
-impl Job {
-    async fn run(self, mut first: Option<First>) {
-        let url = self.d.url.as_str();
-        let mut view = View::default();
-        let mut link = Link::default();
-        let mut backoff = Backoff::new();
-        let mut sent: Option<Vec<Target>> = None;
-        loop {
-            let end = self
-                .session(&mut view, &mut link, &mut sent, &mut first, &mut backoff)
-                .await;
-            match end {
-                End::Resync(why) => {
-                    tracing::info!(listen = %self.listen, etcd = url, reason = why,
-                        "etcd watch ended: reading the prefix again");
-                    // Not at once: a watch that etcd keeps cancelling must
-                    // not become a busy loop of reads.
-                    tokio::time::sleep(Backoff::FIRST).await;
-                }
-                End::Lost(error) => {
-                    if let Some(f) = first.take() {
-                        let _ = f.send(Err(error));
-                        return;
-                    }
-                    let never = link == Link::New;
-                    if link.lost() {
-                        let msg = match never {
-                            true => "etcd unreachable: no backend until it answers, retrying",
-                            false => {
-                                "etcd connection lost: keeping the last known backends, retrying"
-                            }
-                        };
-                        tracing::warn!(listen = %self.listen, etcd = url, %error, "{msg}");
-                    }
-                    tokio::time::sleep(backoff.wait()).await;
-                }
-            }
-        }
-    }
-
-    /// Read, then watch, until the watch ends.
-    async fn session(
-        &self,
-        view: &mut View,
-        link: &mut Link,
-        sent: &mut Option<Vec<Target>>,
-        first: &mut Option<First>,
-        backoff: &mut Backoff,
-    ) -> End {
-        let prefix = self.d.prefix();
-        let mut client = match connect(&self.d.endpoints, self.d.tls.as_ref()).await {
-            Ok(c) => c,
-            Err(e) => return End::Lost(e),
-        };
-        let read = timed(
-            "reading the prefix",
-            client.kv.do_range(prefix.as_str()).with_prefix(),
-        );
-        let resp = match read.await {
-            Ok(r) => r,
-            Err(e) => return End::Lost(e),
-        };
-        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
-        view.reset(resp.kvs.into_iter().map(|kv| (kv.key, kv.value)));
-        let set = self.publish(view, sent);
-        if let Some(f) = first.take() {
-            let _ = f.send(Ok(set));
-        }
-        let mut create = client.watch.do_watch(prefix.as_str()).with_prefix();
-        create.request.start_revision = self.watch_from.take().unwrap_or(revision + 1);
-        let mut watch = match timed("starting the watch", create).await {
-            Ok(w) => w,
-            Err(e) => return End::Lost(e),
-        };
-        if link.up() {
-            tracing::info!(listen = %self.listen, etcd = %self.d.url, "etcd connection back");
-        }
-        backoff.reset();
-        loop {
-            let resp = match watch.message().await {
-                Ok(Some(r)) => r,
-                Ok(None) => return End::Lost("the watch stream ended".into()),
-                Err(e) => return End::Lost(short(&e)),
-            };
-            if resp.compact_revision != 0 {
-                return End::Resync("compacted");
-            }
-            if resp.canceled {
-                return End::Resync("cancelled");
-            }
-            for ev in resp.events {
-                let Some(kv) = ev.kv else { continue };
-                if ev.r#type == pb::event::EventType::Delete as i32 {
-                    view.delete(&kv.key);
-                } else {
-                    view.put(kv.key, kv.value);
-                }
-            }
-            self.publish(view, sent);
-        }
-    }
-
-    /// Log the newly skipped values; send the set if it changed.
-    fn publish(&self, view: &mut View, sent: &mut Option<Vec<Target>>) -> Vec<Target> {
-        let (set, skipped) = view.backends();
-        for s in skipped {
-            tracing::warn!(listen = %self.listen, etcd = %self.d.url, key = %s.key, reason = %s.why,
-                "etcd value skipped");
-        }
-        if sent.as_ref() != Some(&set) {
-            *sent = Some(set.clone());
-            let _ = self.tx.send(Update {
-                listen: self.listen,
-                watcher: self.id,
-                backends: set.clone(),
-            });
-        }
-        set
-    }
-}
 
 #[cfg(test)]
 mod tests {

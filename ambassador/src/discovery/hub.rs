@@ -245,15 +245,18 @@ impl Runner {
         for (id, f) in std::mem::take(&mut self.pending) {
             let _ = f.send(Ok(self.fanout.publish(id).0));
         }
+        // The sets are loaded: from here a failure is a lost connection
+        // that keeps them, not "unreachable" (etcd can die between the read
+        // and the watch).
+        if self.link.up() {
+            tracing::info!(etcd = %self.label, "etcd connection back");
+        }
         let mut create = client.watch.do_watch(ROOT).with_prefix();
         create.request.start_revision = self.watch_from.take().unwrap_or(revision + 1);
         let mut watch = match timed("starting the watch", create).await {
             Ok(w) => w,
             Err(e) => return End::Lost(e),
         };
-        if self.link.up() {
-            tracing::info!(etcd = %self.label, "etcd connection back");
-        }
         self.backoff.reset();
         loop {
             let resp = tokio::select! {

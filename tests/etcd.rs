@@ -430,3 +430,100 @@ fn a_compacted_watch_is_resynced_from_a_fresh_read() {
     assert!(p.wait_log("count=2", 10), "{}", p.log());
     assert!(!p.log().contains("connection lost"), "{}", p.log());
 }
+
+/// etcd's reply to one `Range` of them all would exceed the client's 4 MiB
+/// decoding limit (tonic's default; etcd 3.4 sends up to 2 GiB): 5,000
+/// endpoints under ~1 KB keys. The first read is paged at one revision, so
+/// every endpoint is loaded, the service on the last page serves, and the
+/// watch from the read's revision + 1 follows the next change.
+#[test]
+fn a_first_read_beyond_one_reply_is_paged_and_loads_every_endpoint() {
+    const N: usize = 5000;
+    let etcd = Etcd::start();
+    let (r1, r2) = (Redis::start(), Redis::start());
+    let pad = "x".repeat(950);
+    let bulk: Vec<(String, String)> = (0..N)
+        .map(|i| {
+            let addr = format!("127.1.{}.{}:7000", i / 250, i % 250 + 1);
+            (format!("/ambassador/services/bulk/{i:05}-{pad}"), addr)
+        })
+        .collect();
+    let bytes: usize = bulk.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert!(bytes > 4 * 1024 * 1024, "{bytes} bytes fit in one reply");
+    // 128 puts a transaction: etcd's default --max-txn-ops.
+    for chunk in bulk.chunks(128) {
+        let mut ops = String::from("\n");
+        for (k, v) in chunk {
+            ops.push_str(&format!("put {k} {v}\n"));
+        }
+        ops.push_str("\n\n");
+        txn(&etcd, &ops);
+    }
+    // "db" sorts after "bulk": its key is on the last page.
+    etcd.put("/ambassador/services/db/one", &r1.addr());
+
+    let db_port = free_port();
+    let db_fwd = format!("127.0.0.1:{db_port}={}", etcd.url("db"));
+    let p = proxy(&etcd.url("bulk"), &["--forward", &db_fwd]);
+    assert!(
+        p.wait_line(&["listening", "/bulk"], 10),
+        "no listening line"
+    );
+    let log = p.log();
+    let listening = log
+        .lines()
+        .find(|l| l.contains("listening") && l.contains("/bulk"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no listening line for bulk: {}",
+                &log[..log.len().min(2000)]
+            )
+        });
+    let loaded: std::collections::BTreeSet<&str> = listening
+        .split("backends=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("a backends= field")
+        .split(',')
+        .collect();
+    let want: std::collections::BTreeSet<&str> = bulk.iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!(loaded.len(), N, "endpoints loaded");
+    assert_eq!(loaded, want);
+
+    let mut c = connect(&format!("127.0.0.1:{db_port}"));
+    assert_eq!(command(&mut c, &["PING"]), "+PONG", "{}", p.log());
+    etcd.put("/ambassador/services/db/two", &r2.addr());
+    assert!(
+        wait_line(&p, &["backends changed", "count=2"], 10),
+        "the watch after the paged read"
+    );
+    let log = p.log();
+    assert!(!log.contains("etcd watch ended"), "a resync: {log}");
+    assert!(!log.contains("connection lost"), "{log}");
+    assert!(!log.contains("unreachable"), "{log}");
+}
+
+/// `etcdctl txn` with `ops` on its standard input (no compare: always SUCCESS).
+fn txn(etcd: &Etcd, ops: &str) {
+    use std::io::Write;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=http://{}", etcd.addr()))
+        .args(["--dial-timeout=1s", "--command-timeout=10s", "txn"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("etcdctl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ops.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("SUCCESS"),
+        "etcdctl txn: {text}"
+    );
+}

@@ -39,6 +39,7 @@ pub mod docker;
 pub mod etcd;
 pub mod fanout;
 pub mod hub;
+pub mod pages;
 pub mod register;
 pub mod tls;
 

@@ -13,7 +13,8 @@
 //! read and one watch of the root, whatever the number of forwards. Its
 //! life is a loop of *sessions*:
 //!
-//! 1. connect, read the root (one `Range`), send each forward its set;
+//! 1. connect, read the root (in pages at one revision: `discovery/pages.rs`),
+//!    send each forward its set;
 //! 2. watch the root from the read's revision + 1, apply each event to the
 //!    service's [`super::View`] and send the sets that changed;
 //! 3. the watch ends: etcd was lost (warn once, keep the last sets, retry

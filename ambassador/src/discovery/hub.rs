@@ -12,12 +12,14 @@
 //!   started, reloaded or dropped: dropping its [`Unsub`] removes it);
 //! - each new set leaves as an [`Update`] on the server's channel;
 //! - a session is connect → read the root → watch from the next revision;
-//!   a compacted or cancelled watch reads again; a lost connection keeps
+//!   the read is paged (`discovery/pages.rs`: one snapshot, however many
+//!   keys); a compacted or cancelled watch reads again; a lost connection keeps
 //!   the last known sets, logs once, and retries with [`Backoff`];
 //! - with no forward left the hub closes its connection and waits.
 
-use super::etcd::{First, Update, connect, short, timed};
+use super::etcd::{Client, First, Update, connect, short, timed};
 use super::fanout::{Event, Fanout, Out};
+use super::pages::Pages;
 use super::tls::Tls;
 use super::{Backoff, Link, ROOT};
 use etcdv3client::pb;
@@ -231,15 +233,11 @@ impl Runner {
             Ok(c) => c,
             Err(e) => return End::Lost(e),
         };
-        let read = timed("reading the prefix", client.kv.do_range(ROOT).with_prefix());
-        let resp = match read.await {
+        let (revision, kvs) = match read(&mut client).await {
             Ok(r) => r,
-            Err(e) => return End::Lost(e),
+            Err(end) => return end,
         };
-        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
-        let outs = self
-            .fanout
-            .reset(resp.kvs.into_iter().map(|kv| (kv.key, kv.value)));
+        let outs = self.fanout.reset(kvs);
         self.loaded = true;
         self.send(outs);
         for (id, f) in std::mem::take(&mut self.pending) {
@@ -293,4 +291,24 @@ impl Runner {
             self.send(outs);
         }
     }
+}
+
+/// Every key under the root, page by page at one revision: that revision
+/// and the keys, or how the session ends (a page whose revision was
+/// compacted meanwhile: read again from the start).
+async fn read(client: &mut Client) -> Result<(i64, Vec<(Vec<u8>, Vec<u8>)>), End> {
+    let mut pages = Pages::prefix(ROOT);
+    while let Some(req) = pages.request() {
+        let resp = match timed("reading the prefix", client.kv.range(req)).await {
+            Ok(r) => r,
+            Err(e) if pages.revision() != 0 && e.contains("compacted") => {
+                return Err(End::Resync("compacted during the read"));
+            }
+            Err(e) => return Err(End::Lost(e)),
+        };
+        if let Err(bad) = pages.take(resp) {
+            return Err(End::Lost(format!("reading the prefix: {bad}")));
+        }
+    }
+    Ok((pages.revision(), pages.into_kvs()))
 }

@@ -10,6 +10,9 @@
 //! scratch directory; it checks only that every row produced every figure or
 //! its reason for not running. No timing is asserted anywhere.
 
+mod discovery;
+mod gateway;
+
 use crate::util::{apt_install, root, run as run_cmd};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -49,10 +52,19 @@ pub struct Args {
     /// Override the seconds per figure.
     #[arg(long)]
     pub secs: Option<u32>,
-    /// Discovery at scale instead: 1,000 etcd services x 10 endpoints, 1,000 etcd forwards
-    /// (`benches/discovery.py`); `$AMBASSADOR_BEFORE_BIN` adds a row for another binary.
+    /// Discovery at scale instead: etcd services x endpoints, one etcd forward per service
+    /// (`bench/discovery.rs`); `$AMBASSADOR_BEFORE_BIN` adds a row for another binary.
     #[arg(long)]
     pub discovery: bool,
+    /// With --discovery: how many services (and forwards).
+    #[arg(long, default_value_t = 1000, requires = "discovery")]
+    pub services: u16,
+    /// With --discovery: endpoints per service.
+    #[arg(long, default_value_t = 10, requires = "discovery")]
+    pub per: u16,
+    /// With --discovery: how many services are moved (and timed).
+    #[arg(long, default_value_t = 200, requires = "discovery")]
+    pub changes: u32,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -60,7 +72,11 @@ pub fn run(a: Args) -> Result<()> {
         return smoke();
     }
     if a.discovery {
-        return discovery();
+        return discovery(discovery::Scale {
+            services: a.services,
+            per: a.per,
+            changes: a.changes,
+        });
     }
     let bin = prepare()?;
     let mut extra: Vec<String> = vec![
@@ -114,10 +130,10 @@ pub fn smoke() -> Result<()> {
 }
 
 /// `--discovery`: RSS, threads, etcd connections and change-to-first-connection
-/// p50/p99 over 200 moves, one JSON line per binary into
+/// p50/p99 (the driver: `bench/discovery.rs`), one JSON line per binary into
 /// `benches/results/<date>-discovery.jsonl` (method: docs/benchmarks.md).
-fn discovery() -> Result<()> {
-    apt_install(&["etcd-server", "iproute2", "python3"])?;
+fn discovery(scale: discovery::Scale) -> Result<()> {
+    apt_install(&["etcd-server", "iproute2"])?;
     let bin = prepare()?;
     let date = String::from_utf8(Command::new("date").arg("-u").arg("+%F").output()?.stdout)?;
     let out = root().join(format!("benches/results/{}-discovery.jsonl", date.trim()));
@@ -127,23 +143,12 @@ fn discovery() -> Result<()> {
     }
     let mut lines = String::new();
     for b in bins {
-        let o = Command::new("timeout")
-            .arg("400")
-            .arg("python3")
-            .arg(root().join("benches/discovery.py"))
-            .arg(&b)
-            .arg("200")
-            .output()
-            .context("running benches/discovery.py")?;
-        anyhow::ensure!(
-            o.status.success(),
-            "benches/discovery.py {}: {}",
-            b.display(),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        lines.push_str(&String::from_utf8_lossy(&o.stdout));
+        let line = discovery::run(&b, scale)
+            .with_context(|| format!("discovery bench of {}", b.display()))?;
+        eprintln!("{line}");
+        lines.push_str(&line);
+        lines.push('\n');
     }
-    eprint!("{lines}");
     std::fs::write(&out, lines).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }

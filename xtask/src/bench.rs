@@ -12,6 +12,7 @@
 
 mod discovery;
 mod gateway;
+mod pki;
 
 use crate::util::{apt_install, root, run as run_cmd};
 use anyhow::{Context, Result};
@@ -65,6 +66,9 @@ pub struct Args {
     /// With --discovery: how many services are moved (and timed).
     #[arg(long, default_value_t = 200, requires = "discovery")]
     pub changes: u32,
+    /// With --discovery: the ambassador dials etcd over TLS with a client certificate.
+    #[arg(long, requires = "discovery")]
+    pub tls: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -76,6 +80,7 @@ pub fn run(a: Args) -> Result<()> {
             services: a.services,
             per: a.per,
             changes: a.changes,
+            tls: a.tls,
         });
     }
     let bin = prepare()?;
@@ -131,12 +136,14 @@ pub fn smoke() -> Result<()> {
 
 /// `--discovery`: RSS, threads, etcd connections and change-to-first-connection
 /// p50/p99 (the driver: `bench/discovery.rs`), one JSON line per binary into
-/// `benches/results/<date>-discovery.jsonl` (method: docs/benchmarks.md).
+/// `benches/results/<date>-discovery.jsonl` (`-discovery-tls.jsonl` with `--tls`;
+/// method: docs/benchmarks.md).
 fn discovery(scale: discovery::Scale) -> Result<()> {
-    apt_install(&["etcd-server", "iproute2"])?;
+    apt_install(&["etcd-server", "iproute2", "openssl"])?;
     let bin = prepare()?;
     let date = String::from_utf8(Command::new("date").arg("-u").arg("+%F").output()?.stdout)?;
-    let out = root().join(format!("benches/results/{}-discovery.jsonl", date.trim()));
+    let name = if scale.tls { "discovery-tls" } else { "discovery" };
+    let out = root().join(format!("benches/results/{}-{name}.jsonl", date.trim()));
     let mut bins = vec![bin];
     if let Some(b) = std::env::var_os("AMBASSADOR_BEFORE_BIN") {
         bins.push(PathBuf::from(b));

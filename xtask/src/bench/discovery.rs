@@ -16,6 +16,9 @@
 //!    that is a real listener answering `N`, and time from the delete to the
 //!    first connection through the ambassador that reads `N`; p50/p99/max.
 //!
+//! With `--tls` the ambassador dials etcd's HTTPS listener with a client
+//! certificate (`pki.rs` makes them) while the driver writes over plain HTTP.
+//!
 //! Every loop is bounded in count and time; every process started is
 //! stopped and the scratch directory removed, also on error.
 
@@ -40,6 +43,10 @@ pub struct Scale {
     pub services: u16,
     pub per: u16,
     pub changes: u32,
+    /// The ambassador dials etcd over TLS with a client certificate
+    /// (`etcd_ca`, `etcd_cert`, `etcd_key`); the driver keeps a plain HTTP
+    /// listener of the same etcd for its own writes.
+    pub tls: bool,
 }
 
 /// A child process killed (and reaped) on drop.
@@ -71,8 +78,13 @@ pub fn run(bin: &Path, scale: Scale) -> Result<String> {
     let dir = Scratch(std::env::temp_dir().join(format!("amb-disc-bench-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0)?;
-    let [client, peer] = ambassador_test_support::free_ports::<2>()?;
-    let _etcd = start_etcd(&dir.0, client, peer)?;
+    let [client, peer, secure] = ambassador_test_support::free_ports::<3>()?;
+    if scale.tls {
+        super::pki::make(&dir.0)?;
+    }
+    let _etcd = start_etcd(&dir.0, client, peer, scale.tls.then_some(secure))?;
+    // The port the ambassador dials.
+    let dialed = if scale.tls { secure } else { client };
     let gw = Gateway::new(client);
     wait(Duration::from_secs(20), || gw.answers()).context("etcd did not answer")?;
 
@@ -97,9 +109,18 @@ pub fn run(bin: &Path, scale: Scale) -> Result<String> {
 
     let conf = dir.0.join("a.toml");
     let mut text = String::new();
+    if scale.tls {
+        let f = |n: &str| dir.0.join(n).display().to_string();
+        text.push_str(&format!(
+            "etcd_ca = \"{}\"\netcd_cert = \"{}\"\netcd_key = \"{}\"\n\n",
+            f("ca.pem"),
+            f("client.pem"),
+            f("client.key")
+        ));
+    }
     for s in 0..scale.services {
         text.push_str(&format!(
-            "[[forward]]\nlisten = \"127.0.0.1:{}\"\nbackends = [\"etcd://127.0.0.1:{client}/s{s}\"]\n\n",
+            "[[forward]]\nlisten = \"127.0.0.1:{}\"\nbackends = [\"etcd://127.0.0.1:{dialed}/s{s}\"]\n\n",
             FWD0 + s
         ));
     }
@@ -130,7 +151,7 @@ pub fn run(bin: &Path, scale: Scale) -> Result<String> {
     let pid = amb.0.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-    let (conns, own_conns) = etcd_connections(client, pid)?;
+    let (conns, own_conns) = etcd_connections(dialed, pid)?;
 
     let mut lat = Vec::new();
     let budget = Instant::now();
@@ -159,6 +180,7 @@ pub fn run(bin: &Path, scale: Scale) -> Result<String> {
     let line = json!({
         "bin": bin.display().to_string(),
         "services": scale.services,
+        "tls": scale.tls,
         "endpoints": u32::from(scale.services) * u32::from(scale.per),
         "etcd_load_s": (load_s * 10.0).round() / 10.0,
         "ready_s": (ready_s * 100.0).round() / 100.0,
@@ -174,10 +196,23 @@ pub fn run(bin: &Path, scale: Scale) -> Result<String> {
     Ok(line.to_string())
 }
 
-fn start_etcd(dir: &Path, client: u16, peer: u16) -> Result<Killed> {
-    let c = format!("http://127.0.0.1:{client}");
+/// etcd on `client` (plain HTTP) and, with `secure`, also HTTPS there with
+/// client certificates required (the files of `pki.rs` in `dir`).
+fn start_etcd(dir: &Path, client: u16, peer: u16, secure: Option<u16>) -> Result<Killed> {
+    let mut c = format!("http://127.0.0.1:{client}");
+    if let Some(s) = secure {
+        c.push_str(&format!(",https://127.0.0.1:{s}"));
+    }
     let p = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
+    let mut cmd = Command::new("etcd");
+    if secure.is_some() {
+        let f = |n: &str| dir.join(n);
+        cmd.arg("--cert-file").arg(f("server.pem"));
+        cmd.arg("--key-file").arg(f("server.key"));
+        cmd.arg("--trusted-ca-file").arg(f("ca.pem"));
+        cmd.arg("--client-cert-auth");
+    }
+    let child = cmd
         .arg("--data-dir")
         .arg(dir.join("etcd"))
         .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])

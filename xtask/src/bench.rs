@@ -142,7 +142,11 @@ fn discovery(scale: discovery::Scale) -> Result<()> {
     apt_install(&["etcd-server", "iproute2", "openssl"])?;
     let bin = prepare()?;
     let date = String::from_utf8(Command::new("date").arg("-u").arg("+%F").output()?.stdout)?;
-    let name = if scale.tls { "discovery-tls" } else { "discovery" };
+    let name = if scale.tls {
+        "discovery-tls"
+    } else {
+        "discovery"
+    };
     let out = root().join(format!("benches/results/{}-{name}.jsonl", date.trim()));
     let mut bins = vec![bin];
     if let Some(b) = std::env::var_os("AMBASSADOR_BEFORE_BIN") {

@@ -58,11 +58,11 @@ fn least_conn_sends_new_clients_to_the_less_busy_redis() {
     let _b = ping(&p);
     drop(a);
     // Wait for the proxy to see the close (r1 back to only our INFO client).
-    let t = std::time::Instant::now();
-    while r1.info("clients", "connected_clients") != 1 {
-        assert!(t.elapsed().as_secs() < 10, "close reached r1");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    ambassador_test_support::until(
+        std::time::Duration::from_secs(10),
+        "the close to reach r1",
+        || r1.info("clients", "connected_clients") == 1,
+    );
     assert!(wait_until(10, || p
         .log()
         .matches("connection closed")

@@ -20,12 +20,11 @@ mod support_docker;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
-use support_docker::netns::TwoHosts;
+use support_docker::netns::{TwoHosts, namespaces, pids};
 use support_docker::postgres::{Postgres, TempDir, pg_tool, pgbench};
+use support_docker::redis::{redis_cli, redis_server};
 use support_docker::{
     Daemon, ambassador_bin, apt_install, chosen_engine, field, ok, poll, random_bytes, random_text,
 };
@@ -54,6 +53,52 @@ fn chain_uring() {
 #[test]
 fn chain_epoll() {
     chain("epoll", "epoll");
+}
+
+/// The lab is a guard: a test that panics inside it leaves no namespace behind (and so no veth
+/// pair, whose ends live in them), nor any process it started there.
+#[test]
+fn a_panicking_test_leaves_no_namespace() {
+    apt_install(&["iproute2"]);
+    let made = std::sync::Mutex::new(Vec::new());
+    let pid = std::sync::Mutex::new(0);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let lab = TwoHosts::new();
+        *made.lock().unwrap() = vec![lab.host1.clone(), lab.host2.clone()];
+        let listed = namespaces();
+        assert!(
+            listed.contains(&lab.host1) && listed.contains(&lab.host2),
+            "{listed:?}"
+        );
+        // A straggler whose own guard is leaked: the lab must kill it to remove its namespace.
+        let sleeper = Daemon::spawn("sleep", TwoHosts::cmd(&lab.host2, "sleep").arg("600"));
+        *pid.lock().unwrap() = sleeper.pid();
+        let inside = poll(START, || {
+            pids(&lab.host2).contains(&sleeper.pid()).then_some(())
+        });
+        assert!(inside.is_some(), "sleep never ran inside {}", lab.host2);
+        std::mem::forget(sleeper);
+        panic!("on purpose, inside the lab");
+    }));
+    assert!(r.is_err(), "the closure panicked");
+    let made = made.into_inner().unwrap();
+    assert_eq!(made.len(), 2);
+    let left = namespaces();
+    for ns in &made {
+        assert!(!left.contains(ns), "{ns} outlived the panic: {left:?}");
+        assert!(
+            !Path::new("/var/run/netns").join(ns).exists(),
+            "{ns}'s mount"
+        );
+    }
+    // Killed: gone, or a zombie nobody reaps (its guard was leaked).
+    let pid = pid.into_inner().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+    assert!(
+        matches!(state, None | Some('Z')),
+        "pid {pid} still runs: {stat}"
+    );
 }
 
 /// Engines need not match across hosts: the in-kernel splice on host1, epoll on host2.
@@ -212,34 +257,6 @@ fn ambassador(ns: &str, name: &str, mode: &str, vars: &[(&str, String)]) -> Daem
         d.log()
     );
     d
-}
-
-fn redis_server(ns: &str, addr: Ipv4Addr, port: u16, dir: &Path) -> Daemon {
-    let mut d = Daemon::spawn(
-        &format!("redis :{port}"),
-        TwoHosts::cmd(ns, "redis-server")
-            .args(["--bind", &addr.to_string(), "--port", &port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--daemonize",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir),
-    );
-    d.wait_for("Ready to accept connections", START);
-    d
-}
-
-fn redis_cli(ns: &str, host: &str, port: u16) -> Command {
-    let mut c = TwoHosts::cmd(ns, "redis-cli");
-    c.args(["-h", host, "-p", &port.to_string()]);
-    c
 }
 
 /// SET a 1 MiB random binary value and GET it back byte-exact.

@@ -32,12 +32,12 @@ use redis::{command, server_port};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use support_docker::netns::TwoHosts;
+use support_docker::netns::{TwoHosts, in_ns};
 use support_docker::postgres::{Postgres, TempDir, pg_tool, pgbench, psql};
+use support_docker::redis::{redis_cli, redis_server};
 use support_docker::{Daemon, ambassador_bin, apt_install, ok, poll, run};
 
 const REDIS_A: u16 = 16379;
@@ -395,20 +395,6 @@ fn until(moved: &AtomicBool, runs: &AtomicU64, mut each: impl FnMut()) {
     panic!("the move did not end within {MAX_RUNS} load runs");
 }
 
-/// Run `f` on a thread inside network namespace `ns` (sockets it opens stay in `ns`).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // Safety: setns(2) on this (fresh) thread only, with a namespace file we opened.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("thread in namespace")
-}
-
 /// A one-member etcd in `ns`, serving clients on `addr:2379` (peers on its loopback).
 fn etcd(ns: &str, addr: Ipv4Addr, dir: &Path) -> Daemon {
     let client = format!("http://{addr}:{ETCD}");
@@ -478,26 +464,6 @@ fn wait_log(d: &Daemon, needle: &str) {
         d.name,
         d.log()
     );
-}
-
-fn redis_server(ns: &str, addr: Ipv4Addr, port: u16, dir: &Path) -> Daemon {
-    let mut d = Daemon::spawn(
-        &format!("redis :{port}"),
-        TwoHosts::cmd(ns, "redis-server")
-            .args(["--bind", &addr.to_string(), "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .args(["--daemonize", "no", "--maxclients", "1000"])
-            .arg("--dir")
-            .arg(dir),
-    );
-    d.wait_for("Ready to accept connections", START);
-    d
-}
-
-fn redis_cli(ns: &str, host: &str, port: u16) -> Command {
-    let mut c = TwoHosts::cmd(ns, "redis-cli");
-    c.args(["-h", host, "-p", &port.to_string()]);
-    c
 }
 
 /// One numeric field of `INFO` from the redis at `addr:port`.

@@ -262,18 +262,6 @@ fn an_unreachable_etcd_at_start_is_one_line_and_exit_2() {
     assert!(err.contains("cannot reach etcd"), "{err}");
 }
 
-/// Wait up to `secs` for a log line holding every one of `parts`.
-fn wait_line(p: &Proxy, parts: &[&str], secs: u64) -> bool {
-    let t = std::time::Instant::now();
-    while t.elapsed() < std::time::Duration::from_secs(secs) {
-        if p.log().lines().any(|l| parts.iter().all(|s| l.contains(s))) {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    false
-}
-
 #[test]
 fn a_reload_keeps_the_etcd_set_and_starts_new_watchers() {
     let (etcd, r1, r2) = etcd_and_two_redis();
@@ -302,14 +290,14 @@ fn a_reload_keeps_the_etcd_set_and_starts_new_watchers() {
     std::fs::write(&file, two).unwrap();
     p.signal(libc::SIGHUP);
     assert!(
-        wait_line(&p, &["reloaded", "changed=1", "added=1"], 10),
+        p.wait_line(&["reloaded", "changed=1", "added=1"], 10),
         "{}",
         p.log()
     );
     // The added forward's watcher reads its set in the background.
     let listen2 = format!("listen=127.0.0.1:{port2}");
     assert!(
-        wait_line(&p, &["etcd backends changed", &listen2, "count=1"], 10),
+        p.wait_line(&["etcd backends changed", &listen2, "count=1"], 10),
         "{}",
         p.log()
     );
@@ -420,7 +408,7 @@ fn a_compacted_watch_is_resynced_from_a_fresh_read() {
         .env("AMBASSADOR_ETCD_TEST_WATCH_FROM", "2");
     let p = Proxy::spawn(cmd, port).expect("proxy did not become ready");
     assert!(
-        wait_line(&p, &["etcd watch ended", "compacted"], 10),
+        p.wait_line(&["etcd watch ended", "compacted"], 10),
         "{}",
         p.log()
     );
@@ -494,7 +482,7 @@ fn a_first_read_beyond_one_reply_is_paged_and_loads_every_endpoint() {
     assert_eq!(command(&mut c, &["PING"]), "+PONG", "{}", p.log());
     etcd.put("/ambassador/services/db/two", &r2.addr());
     assert!(
-        wait_line(&p, &["backends changed", "count=2"], 10),
+        p.wait_line(&["backends changed", "count=2"], 10),
         "the watch after the paged read"
     );
     let log = p.log();
@@ -526,4 +514,33 @@ fn txn(etcd: &Etcd, ops: &str) {
         out.status.success() && text.starts_with("SUCCESS"),
         "etcdctl txn: {text}"
     );
+}
+
+/// etcd dying between the first read and the watch is a lost connection that keeps the set it
+/// read, not "unreachable: no backend". The window is made certain, not raced: a proxy in front
+/// of etcd passes the read (the client's first gRPC call) whole and closes the connection just
+/// before the watch (its second call) reaches etcd; it relays the reconnection whole.
+#[test]
+fn etcd_lost_between_the_read_and_the_watch_keeps_the_set() {
+    use ambassador_test_support::h2cut::GrpcCut;
+    let (etcd, r1, r2) = etcd_and_two_redis();
+    let cut = GrpcCut::start(etcd.addr().parse().unwrap(), 2).expect("proxy");
+    let p = proxy(&format!("etcd://127.0.0.1:{}/db", cut.port), &[]);
+    assert!(p.wait_log("etcd connection lost", 10), "{}", p.log());
+    assert!(cut.cut(), "the connection was not cut at the watch");
+    assert!(
+        p.log().contains("keeping the last known backends"),
+        "{}",
+        p.log()
+    );
+    assert!(!p.log().contains("etcd unreachable"), "{}", p.log());
+    // The set read before the cut serves.
+    let before = accepted(&r1);
+    ping(&p);
+    assert_eq!(accepted(&r1), before + 2, "{}", p.log());
+    // Reconnected through the proxy: the watch works.
+    assert!(p.wait_log("etcd connection back", 20), "{}", p.log());
+    etcd.put("/ambassador/services/db/two", &r2.addr());
+    assert!(p.wait_log("count=2", 10), "{}", p.log());
+    assert_eq!(p.log_count("etcd connection lost"), 1, "{}", p.log());
 }

@@ -18,14 +18,16 @@ use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread;
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------- helpers
 
 use ambassador_test_support::stream::{Stream as Prng, recv_stream, send_stream};
-use ambassador_test_support::{free_port, stat as stat_in, stats_line, wait_until};
+use ambassador_test_support::{
+    free_port, poll_async, stat as stat_in, stats_line, until, wait_until,
+};
 
 fn settings(idle: Option<Duration>) -> Settings {
     Settings {
@@ -55,17 +57,24 @@ fn test_policy() -> SplicePolicy {
 /// /proc/net/tcp, so the fds of tests running in parallel in this process
 /// (other ports) never count.
 fn proxy_fds(listen: u16, upstream: SocketAddr) -> usize {
+    fds_of(std::process::id(), listen, upstream)
+}
+
+/// [`proxy_fds`] of process `pid` (IPv4 and IPv6 sockets).
+fn fds_of(pid: u32, listen: u16, upstream: SocketAddr) -> usize {
     let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
     let mut ours = std::collections::HashSet::new();
-    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    for l in tcp.lines().skip(1) {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let (local, remote, state, inode) = (port(f[1]), port(f[2]), f[3], f[9]);
-        if (local == Some(listen) && state != "0A") || remote == Some(upstream.port()) {
-            ours.insert(format!("socket:[{inode}]"));
+    for table in ["tcp", "tcp6"] {
+        let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for l in tcp.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, remote, state, inode) = (port(f[1]), port(f[2]), f[3], f[9]);
+            if (local == Some(listen) && state != "0A") || remote == Some(upstream.port()) {
+                ours.insert(format!("socket:[{inode}]"));
+            }
         }
     }
-    std::fs::read_dir("/proc/self/fd")
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter(|t| ours.contains(t.to_string_lossy().as_ref()))
@@ -176,23 +185,25 @@ fn with_proxy_policy<R: Send + 'static>(
                 }
             }
         }
-        let t = Instant::now();
-        while live.get() > 0 && t.elapsed() < Duration::from_secs(20) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(
-            live.get(),
-            0,
-            "connections still open 20 s after the clients finished"
+        let ended = poll_async(Duration::from_secs(20), "the connections to end", || {
+            (live.get() == 0).then_some(())
+        });
+        assert!(
+            ended.await.is_ok(),
+            "{} connections still open 20 s after the clients finished",
+            live.get()
         );
         sm.refresh_stats();
         // The scenario's client and the upstream's handler close their own
         // sockets on their threads: give them a moment before counting.
         let scenario = th.join().expect("scenario panicked");
-        let t = Instant::now();
-        while proxy_fds(addr.port(), upstream) > 0 && t.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // (Bounded; a leak is reported in `fds_leaked` and asserted by the tests.)
+        let _ = poll_async(
+            Duration::from_secs(5),
+            "the proxy's sockets to close",
+            || (proxy_fds(addr.port(), upstream) == 0).then_some(()),
+        )
+        .await;
         let g = |c: &AtomicU64| c.load(Relaxed);
         let report = Report {
             spliced_to_upstream: g(&stats.spliced_to_upstream),
@@ -258,10 +269,9 @@ fn bulk(capacity: u32, up: u64, down: u64) -> Report {
     });
     assert_eq!(got, down, "client received");
     // The upstream reads its last bytes and the EOF on its own thread.
-    let t = Instant::now();
-    while server_got.load(Relaxed) == u64::MAX && t.elapsed() < Duration::from_secs(10) {
-        thread::sleep(Duration::from_millis(5));
-    }
+    until(Duration::from_secs(10), "the upstream's EOF", || {
+        server_got.load(Relaxed) != u64::MAX
+    });
     assert_eq!(server_got.load(Relaxed), up, "upstream received");
     report
 }
@@ -407,6 +417,8 @@ fn slow_reader_is_bounded_and_lossless() {
             assert_eq!(buf[..n], want[..n], "byte {total}..");
             total += n as u64;
             if t.elapsed() < Duration::from_millis(500) {
+                // The traffic pattern, not a synchronisation: a slow reader for the first
+                // half second, so the proxy meets backpressure.
                 thread::sleep(Duration::from_millis(2));
             }
         }
@@ -498,20 +510,32 @@ fn set_linger0(s: &TcpStream) {
 #[test]
 fn reset_from_client_resets_upstream() {
     let outcome = Arc::new(Mutex::new(None));
-    let o2 = outcome.clone();
+    let got_bytes = Arc::new(AtomicBool::new(false));
+    let (o2, g2) = (outcome.clone(), got_bytes.clone());
     let upstream = server(move |mut s| {
         s.write_all(b"hello").unwrap();
+        let mut b = [0u8; 1000];
+        s.read_exact(&mut b).unwrap();
+        g2.store(true, Relaxed);
         *o2.lock().unwrap() = Some(read_outcome(&mut s).map_err(|e| e.kind()));
     });
-    let (_, r) = with_proxy(64, None, upstream, |addr| {
+    let o3 = outcome.clone();
+    let (_, r) = with_proxy(64, None, upstream, move |addr| {
         let mut s = TcpStream::connect(addr).unwrap();
         let mut b = [0u8; 5];
         s.read_exact(&mut b).unwrap();
         s.write_all(&[1u8; 1000]).unwrap();
-        thread::sleep(Duration::from_millis(50));
+        // Reset with the stream in use: once the bytes went through.
+        until(Duration::from_secs(10), "1000 bytes upstream", || {
+            got_bytes.load(Relaxed)
+        });
         set_linger0(&s);
         drop(s);
-        thread::sleep(Duration::from_millis(300));
+        until(
+            Duration::from_secs(10),
+            "the upstream to see the end",
+            || o3.lock().unwrap().is_some(),
+        );
     });
     let o = outcome.lock().unwrap().take().expect("upstream finished");
     assert_eq!(o, Err(io::ErrorKind::ConnectionReset), "upstream saw {o:?}");
@@ -598,10 +622,13 @@ fn full_map_falls_back_to_userspace() {
             }
         }
     });
-    let (_, r) = with_proxy(2, None, upstream, |addr| {
+    let (_, r) = with_proxy(2, None, upstream, move |addr| {
         // Four at once in a map with room for two.
         let mut conns: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        thread::sleep(Duration::from_millis(100));
+        // All four are relayed (a client and an upstream socket each) before any byte moves.
+        until(Duration::from_secs(10), "4 relayed connections", || {
+            proxy_fds(addr.port(), upstream) == 8
+        });
         for (i, s) in conns.iter_mut().enumerate() {
             let msg = [i as u8; 100];
             s.write_all(&msg).unwrap();
@@ -610,7 +637,11 @@ fn full_map_falls_back_to_userspace() {
             assert_eq!(got, msg);
         }
         drop(conns);
-        thread::sleep(Duration::from_millis(100));
+        // Their relays ended (sockets closed after the map entries went, on the proxy's one
+        // thread, which accepts the next client only after that).
+        until(Duration::from_secs(10), "the 4 relays to end", || {
+            proxy_fds(addr.port(), upstream) == 0
+        });
         // Room again: this one is spliced.
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(&[9u8; 100]).unwrap();
@@ -702,6 +733,16 @@ impl Bin {
         }
     }
 
+    /// Wait until the proxy holds no socket of the forward `listen` → `upstream` any more: its
+    /// connections ended and their counters are in its totals.
+    fn wait_relays_end(&self, listen: u16, upstream: SocketAddr) {
+        until(
+            Duration::from_secs(10),
+            "the binary's relays to end",
+            || fds_of(self.child.id(), listen, upstream) == 0,
+        );
+    }
+
     /// SIGTERM, wait, and return (exit code, whole log).
     fn stop(mut self) -> (Option<i32>, String) {
         // Safety: plain kill(2) on our own child.
@@ -751,7 +792,7 @@ fn binary_stats_prove_bytes_were_spliced() {
     assert_eq!(recv_stream(&mut s, 4).unwrap(), MIB);
     t.join().unwrap();
     drop(s);
-    thread::sleep(Duration::from_millis(200));
+    bin.wait_relays_end(port, upstream);
     let (code, log) = bin.stop();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("engine chosen engine=sockmap"), "{log}");
@@ -1139,11 +1180,12 @@ fn integrity_check_resets_a_stream_the_kernel_duplicated() {
         let (mut a, caddr) = l.accept().unwrap();
         client.write_all(&vec![7u8; SENT]).unwrap();
         // Wait (bounded) until all of it is queued on the proxy's socket.
-        let t = Instant::now();
-        while ambassador::bpf::inq(&a).unwrap() < SENT as u64 {
-            assert!(t.elapsed() < Duration::from_secs(5), "data never arrived");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        // (A blocking wait: only the kernel moves these bytes, no task of this runtime.)
+        until(
+            Duration::from_secs(5),
+            "the data on the proxy's socket",
+            || ambassador::bpf::inq(&a).unwrap() >= SENT as u64,
+        );
         let mut part = [0u8; READ];
         a.read_exact(&mut part).unwrap(); // part of the first skb
         let up = TcpStream::connect(upstream).unwrap();
@@ -1174,11 +1216,9 @@ fn integrity_check_resets_a_stream_the_kernel_duplicated() {
         matches!(read_outcome(&mut client), Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
         "client must see a reset"
     );
-    let t = Instant::now();
-    while got.lock().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(5), "upstream never ended");
-        thread::sleep(Duration::from_millis(5));
-    }
+    until(Duration::from_secs(5), "the upstream's end", || {
+        got.lock().unwrap().is_some()
+    });
     let (n, end) = got.lock().unwrap().unwrap();
     assert_eq!(
         end,
@@ -1287,7 +1327,7 @@ fn binary_ipv6_and_mixed_families_are_spliced() {
         s.shutdown(Shutdown::Write).unwrap();
         assert_eq!(recv_stream(&mut s, 22).unwrap(), MIB);
         drop(s);
-        thread::sleep(Duration::from_millis(200));
+        bin.wait_relays_end(port, upstream);
         let (code, log) = bin.stop();
         assert_eq!(code, Some(0), "{log}");
         assert_eq!(stat(&log, "spliced_to_upstream"), MIB, "{listen}: {log}");
@@ -1310,11 +1350,9 @@ fn consumed_is_the_read_position_with_or_without_fin() {
     let mut w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (mut r, _) = l.accept().unwrap();
     let wait_inq = |r: &TcpStream, n: u64| {
-        let t = Instant::now();
-        while bpf::inq(r).unwrap() < n {
-            assert!(t.elapsed() < Duration::from_secs(5), "bytes never arrived");
-            thread::yield_now();
-        }
+        until(Duration::from_secs(5), "the bytes to arrive", || {
+            bpf::inq(r).unwrap() >= n
+        });
     };
     assert_eq!(bpf::consumed(&r).unwrap(), 0);
     w.write_all(&[7u8; 1000]).unwrap();
@@ -1328,11 +1366,9 @@ fn consumed_is_the_read_position_with_or_without_fin() {
     r.read_exact(&mut buf).unwrap();
     assert_eq!(bpf::consumed(&r).unwrap(), 300);
     w.shutdown(Shutdown::Write).unwrap();
-    let t = Instant::now();
-    while bpf::bytes_received(&r).unwrap() < 1001 {
-        assert!(t.elapsed() < Duration::from_secs(5), "FIN never arrived");
-        thread::yield_now();
-    }
+    until(Duration::from_secs(5), "the FIN to arrive", || {
+        bpf::bytes_received(&r).unwrap() >= 1001
+    });
     assert_eq!(bpf::consumed(&r).unwrap(), 300, "the FIN is not a byte");
     let mut rest = Vec::new();
     r.read_to_end(&mut rest).unwrap();
@@ -1396,10 +1432,7 @@ fn adaptive_copy_loop_finishes_after_a_half_close_and_a_pause_request() {
         "a half-closed connection cannot pause for a promotion"
     );
     client.join().unwrap();
-    let t = Instant::now();
-    while got.load(Relaxed) == u64::MAX && t.elapsed() < Duration::from_secs(10) {
-        thread::yield_now();
-    }
+    let _ = wait_until(Duration::from_secs(10), || got.load(Relaxed) != u64::MAX);
     assert_eq!(
         got.load(Relaxed),
         N,

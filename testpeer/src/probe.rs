@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 // `probe`: kernel features and the sockmap fixes, with raw bpf().
 
 pub(crate) fn errno_str(r: i64) -> String {
@@ -348,6 +348,16 @@ mod sockmap {
         if r < 0 { Err(err()) } else { Ok(r) }
     }
 
+    /// Wait (bounded, 2 s) until `fd` has `n` bytes to read, by peeking: FIONREAD is what some
+    /// checks measure, so it cannot be the condition. Whether they came (the checks report what
+    /// they then find either way).
+    fn wait_readable(fd: i32, n: isize) -> bool {
+        let mut b = [0u8; 64];
+        ambassador_test_support::wait_until(Duration::from_secs(2), || {
+            recv_nb(fd, &mut b, libc::MSG_PEEK).is_ok_and(|r| r >= n)
+        })
+    }
+
     /// Everything readable on `s` within `ms` of quiet.
     fn drain(s: &mut TcpStream, ms: u64) -> usize {
         s.set_read_timeout(Some(Duration::from_millis(ms))).ok();
@@ -457,6 +467,8 @@ mod sockmap {
                         .collect();
                     println!("# prog_load EAGAIN try {i}: {}", pend.join(" "));
                     last = e;
+                    // A retry's back-off (the pending signal must be handled first), not a
+                    // synchronisation.
                     thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(e),
@@ -528,7 +540,7 @@ mod sockmap {
     fn preinsert_kick(m: &Maps, l: &TcpListener, u: &TcpListener) -> Res<String> {
         let mut x = conn(l, u)?;
         ctx(x.c.write_all(b"hello"), "send")?;
-        thread::sleep(Duration::from_millis(100));
+        wait_readable(x.a.as_raw_fd(), 5);
         let before = fionread(x.a.as_raw_fd());
         splice_in(m, &x)?;
         let g1 = drain(&mut x.s, 300);
@@ -590,7 +602,7 @@ mod sockmap {
         map_update(m.verdict, &cookie(fa as i32), &fa).map_err(|e| format!("insert: {e}"))?;
         ctx(x.c.write_all(b"0123456789"), "send")?;
         let _ = poll1(x.a.as_raw_fd(), libc::POLLIN, 2000);
-        thread::sleep(Duration::from_millis(50));
+        wait_readable(x.a.as_raw_fd(), 10);
         let n = fionread(x.a.as_raw_fd());
         let mut b = [0u8; 4];
         let p = recv_nb(x.a.as_raw_fd(), &mut b, libc::MSG_PEEK);
@@ -617,7 +629,7 @@ mod sockmap {
         splice_in(m, &x)?;
         ctx(x.c.write_all(b"0123456789"), "send")?;
         let _ = poll1(x.b.as_raw_fd(), libc::POLLIN, 2000);
-        thread::sleep(Duration::from_millis(100));
+        wait_readable(x.b.as_raw_fd(), 10);
         let n = fionread(x.b.as_raw_fd());
         let mut buf = [0u8; 32];
         let r = recv_nb(x.b.as_raw_fd(), &mut buf, 0);
@@ -648,9 +660,8 @@ mod sockmap {
         ctx(write_stream(&mut c, 9, n), "send")?;
         ctx(c.shutdown(Shutdown::Write), "shutdown C")?;
         let rev = poll1(x.a.as_raw_fd(), libc::POLLRDHUP, 5000);
-        let deadline = Instant::now() + Duration::from_secs(20);
         let mut redir = 0;
-        while Instant::now() < deadline {
+        let _ = ambassador_test_support::poll(Duration::from_secs(20), "B to take it all", || {
             redir = stats(m)[1] - s0[1];
             let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
             let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -668,11 +679,8 @@ mod sockmap {
             // Safety: SIOCOUTQ writes an int.
             unsafe { libc::ioctl(x.b.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
             let queued = ti.tcpi_bytes_acked.saturating_sub(1) + outq as u64;
-            if redir >= n as u64 && queued >= redir {
-                break;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
+            (redir >= n as u64 && queued >= redir).then_some(())
+        });
         ctx(x.b.shutdown(Shutdown::Write), "shutdown B")?;
         let (r, eof) = reader.join().map_err(|_| "panic")?;
         let eb = so_error(x.b.as_raw_fd());

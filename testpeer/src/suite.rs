@@ -7,6 +7,7 @@ use crate::*;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -199,6 +200,18 @@ pub(crate) type CheckFn<'a> = Box<dyn Fn() -> Res<()> + 'a>;
 pub(crate) struct Running {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Set by the log reader at the end of stderr: `lines` is complete.
+    drained: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Wait (bounded) until the log reader saw the end of stderr (the process has exited).
+    fn drain(&self) {
+        let done = || self.drained.load(Ordering::SeqCst);
+        let _ = ambassador_test_support::poll(Duration::from_secs(5), "the end of stderr", || {
+            done().then_some(())
+        });
+    }
 }
 
 /// Three distinct free loopback ports for the ambassador's listeners. All three sockets are
@@ -236,8 +249,9 @@ pub(crate) fn start_ambassador(
     let err = child.stderr.take().unwrap();
     let lines = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = mpsc::channel();
+    let drained = Arc::new(AtomicBool::new(false));
     {
-        let lines = lines.clone();
+        let (lines, drained) = (lines.clone(), drained.clone());
         thread::spawn(move || {
             for l in BufReader::new(err).lines() {
                 let Ok(l) = l else { break };
@@ -247,42 +261,44 @@ pub(crate) fn start_ambassador(
                 }
                 lines.lock().unwrap().push(l);
             }
+            drained.store(true, Ordering::SeqCst);
         });
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    // Ready (Ok: the engine it names) or exited (Err: its status), for up to 20 s.
+    let started = ambassador_test_support::poll(Duration::from_secs(20), "ready or exit", || {
         if let Ok(engine) = rx.try_recv() {
-            return Ok((
-                Running { child, lines },
-                Some(engine.unwrap_or_default()),
-                None,
-            ));
+            return Some(Ok(engine.unwrap_or_default()));
         }
-        if let Ok(Some(st)) = child.try_wait() {
-            thread::sleep(Duration::from_millis(100)); // let the reader drain stderr
-            return Ok((Running { child, lines }, None, Some(st)));
+        child.try_wait().ok().flatten().map(Err)
+    });
+    let run = Running {
+        child,
+        lines,
+        drained,
+    };
+    Ok(match started {
+        Ok(Ok(engine)) => (run, Some(engine), None),
+        Ok(Err(st)) => {
+            run.drain();
+            (run, None, Some(st))
         }
-        if Instant::now() > deadline {
-            return Ok((Running { child, lines }, None, None));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+        Err(_) => (run, None, None),
+    })
 }
 
 /// SIGTERM, then a bounded wait, then SIGKILL.
 pub(crate) fn stop(r: &mut Running) -> Option<ExitStatus> {
     // Safety: kill(2) on the pid of our own, not yet reaped, child.
     unsafe { libc::kill(r.child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(st)) = r.child.try_wait() {
-            return Some(st);
-        }
-        thread::sleep(Duration::from_millis(20));
+    let child = &mut r.child;
+    let st = ambassador_test_support::poll(Duration::from_secs(10), "exit after SIGTERM", || {
+        child.try_wait().ok().flatten()
+    });
+    if st.is_err() {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
     }
-    let _ = r.child.kill();
-    let _ = r.child.wait();
-    None
+    st.ok()
 }
 
 pub(crate) fn suite(args: &SuiteArgs) -> Res<()> {
@@ -423,7 +439,7 @@ pub(crate) fn run_cell(bin: &str, cell: &Cell, load: &Load, ups: [SocketAddr; 3]
     } else {
         exited
     };
-    thread::sleep(Duration::from_millis(50));
+    run.drain();
     let lines = run.lines.lock().unwrap().clone();
     for l in &lines {
         if l.contains("engine skipped") {

@@ -7,7 +7,9 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use ambassador_test_support::{poll, until, wait_until};
 
 pub struct Etcd {
     child: Option<Child>,
@@ -69,15 +71,11 @@ impl Etcd {
             .spawn()
             .expect("etcd (apt-get install etcd-server)");
         self.child = Some(child);
-        let t = Instant::now();
-        loop {
-            let ok = self.ctl(&["endpoint", "health"]).status.success();
-            if ok {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        until(
+            Duration::from_secs(20),
+            "etcd to answer `endpoint health`",
+            || self.ctl(&["endpoint", "health"]).status.success(),
+        );
     }
 
     /// Kill it (SIGKILL) and wait until its port refuses connections.
@@ -86,11 +84,11 @@ impl Etcd {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            assert!(t.elapsed() < Duration::from_secs(10), "etcd still answers");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        until(
+            Duration::from_secs(10),
+            "the killed etcd's port to refuse",
+            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err(),
+        );
     }
 
     /// Send `sig` (SIGSTOP: an etcd that stops answering, sockets open).
@@ -131,14 +129,7 @@ impl Etcd {
 
     /// Wait up to `secs` for `cond` on the value of `key`.
     pub fn wait_key(&self, key: &str, secs: u64, cond: impl Fn(Option<&str>) -> bool) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(secs) {
-            if cond(self.get(key).as_deref()) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+        wait_until(Duration::from_secs(secs), || cond(self.get(key).as_deref()))
     }
 }
 
@@ -196,26 +187,17 @@ impl Registrar {
 
     /// Wait up to `secs` for the log to contain `needle`.
     pub fn wait_log(&self, needle: &str, secs: u64) -> bool {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(secs) {
-            if self.log().contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        wait_until(Duration::from_secs(secs), || self.log().contains(needle))
     }
 
     /// Wait for exit (up to `secs`), returning the exit code.
     pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(secs) {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let child = &mut self.child;
+        poll(Duration::from_secs(secs), "register to exit", || {
+            child.try_wait().ok().flatten()
+        })
+        .ok()
+        .and_then(|st| st.code())
     }
 }
 

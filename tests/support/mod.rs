@@ -309,8 +309,9 @@ pub fn restrict(cmd: &mut Command, drop_caps: bool, deny_io_uring: bool) {
     }
 }
 
-/// Poll `cond` every 20 ms for up to `secs` seconds (and once more at the
-/// end): whether it became true. Every wait in the tests is one of these.
+/// Poll `cond` for up to `secs` seconds (and once more at the end): whether
+/// it became true. The shared bounded wait (`ambassador_test_support::wait`)
+/// in whole seconds; every wait in the tests goes through it.
 pub fn wait_until(secs: u64, cond: impl FnMut() -> bool) -> bool {
     ambassador_test_support::wait_until(Duration::from_secs(secs), cond)
 }

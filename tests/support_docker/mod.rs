@@ -6,11 +6,13 @@
 //!   whose log is kept and which is stopped when dropped ([`Daemon`]), Debian packages
 //!   ([`apt_install`]), the ambassador binary under test ([`ambassador_bin`]), test data.
 //! - [`docker`]: dockerd, images assembled from host binaries, containers removed on drop.
-//! - [`netns`]: two "hosts" as network namespaces joined by a veth pair, removed on drop.
+//! - [`netns`]: two "hosts" as network namespaces joined by a veth pair, removed on drop;
+//!   running a closure inside one.
+//! - [`postgres`], [`redis`]: the databases and their client tools, on loopback or in a host.
 //!
 //! It is a directory with `mod.rs` (not `support_docker.rs`) so that nothing directly in
-//! `tests/` looks like a test target. Only std and libc: the test crates have no other
-//! dev-dependencies.
+//! `tests/` looks like a test target. Only std, libc and the shared test-support crate (its
+//! bounded wait).
 //!
 //! Every outside program runs with a deadline, and everything started is undone by a `Drop`,
 //! so a failing assertion still removes containers, namespaces and processes.
@@ -21,12 +23,13 @@
 pub mod docker;
 pub mod netns;
 pub mod postgres;
+pub mod redis;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What a finished program left behind.
 pub struct Output {
@@ -99,32 +102,18 @@ fn slurp(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> 
 
 /// Wait for `child` until `timeout`; on expiry SIGKILL it, reap it and return `None`.
 fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(st) = child.try_wait().expect("waitpid") {
-            return Some(st);
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let st = poll(timeout, || child.try_wait().expect("waitpid"));
+    if st.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
+    st
 }
 
-/// Poll `f` every 50 ms until it returns `Some`, for at most `timeout`.
-pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Call `f` until it returns `Some`, for at most `timeout` (the shared bounded wait,
+/// [`ambassador_test_support::poll`]).
+pub fn poll<T>(timeout: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    ambassador_test_support::poll(timeout, "a condition", f).ok()
 }
 
 /// A long-running program (a server, an ambassador). Its stdout and stderr are collected into

@@ -1,7 +1,11 @@
-//! Two "hosts" for the chain test: network namespaces joined by a veth pair, with private
-//! addresses that exist only inside them. Names are unique per test run, so tests (and other
-//! people's tests) can run side by side; both namespaces (and anything still running in them)
-//! are removed on drop.
+//! Two "hosts" for the chain tests (`tests/chain.rs`, `tests/discovery_chain.rs`): network
+//! namespaces joined by a veth pair, with private addresses that exist only inside them. This is
+//! the one implementation of that set-up. Names are unique per test run, so tests (and other
+//! people's tests) can run side by side. [`TwoHosts`] is a guard: both namespaces (and anything
+//! still running in them, and the veth pair, whose ends live inside them) are removed on drop,
+//! also when a test panics or when the set-up itself fails halfway (the guard exists before the
+//! first `ip` command). Programs run inside a host through [`TwoHosts::cmd`]; code of the test
+//! itself through [`in_ns`].
 
 use super::{ok, run};
 use std::net::Ipv4Addr;
@@ -69,17 +73,46 @@ impl Drop for TwoHosts {
     fn drop(&mut self) {
         for ns in [&self.host1, &self.host2] {
             // Stragglers (a daemon whose guard was leaked) would keep the namespace alive.
-            let pids = run(Command::new("ip").args(["netns", "pids", ns]), None, T).stdout_str();
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
+            for pid in pids(ns) {
                 // Safety: kill(2); these pids are inside a namespace this test created.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
             let _ = run(Command::new("ip").args(["netns", "del", ns]), None, T);
         }
     }
+}
+
+/// Run `f` on a thread of its own inside network namespace `ns` (sockets it opens stay in
+/// `ns`; the test's other threads are not moved), and return its result.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // Safety: setns(2) on this (fresh) thread only, with a namespace file we opened.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in namespace")
+}
+
+/// The processes inside namespace `ns` (`ip netns pids`).
+pub fn pids(ns: &str) -> Vec<i32> {
+    run(Command::new("ip").args(["netns", "pids", ns]), None, T)
+        .stdout_str()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The names `ip netns list` shows.
+pub fn namespaces() -> Vec<String> {
+    ok(Command::new("ip").args(["netns", "list"]), None, T)
+        .stdout_str()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
 }
 
 fn ip(args: &[&str]) {

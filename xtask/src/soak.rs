@@ -406,6 +406,7 @@ fn watch(
             next_report += Duration::from_secs(10);
             progress(ctx, t);
         }
+        // The run's clock (watch the proxy, report every 10 s), not a synchronisation.
         thread::sleep(Duration::from_millis(100));
     }
     died.or_else(|| proxy.exited())
@@ -427,10 +428,7 @@ fn progress(ctx: &Ctx, t: Instant) {
 
 /// Let the upstream finish its connections (bounded: 2 idle timeouts).
 fn wait_upstreams(ctx: &Ctx) {
-    let t = Instant::now();
-    while ctx.upstream_active.load(Relaxed) > 0 && t.elapsed() < 2 * conn::IDLE {
-        thread::sleep(Duration::from_millis(20));
-    }
+    ambassador_test_support::wait_until(2 * conn::IDLE, || ctx.upstream_active.load(Relaxed) == 0);
 }
 
 /// One client thread: scripted connections until told to stop.
@@ -476,11 +474,13 @@ fn serve<'s, 'e>(l: &'s TcpListener, ctx: &'s Ctx, s: &'s Scope<'s, 'e>) {
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The non-blocking accept loop's pace (it checks `upstream_stop`).
                 thread::sleep(Duration::from_millis(1));
             }
             Err(e) => {
                 let f = Fail::Error(format!("upstream accept: {e}"));
                 ctx.tally.record(ctx.plan.cfg, 0, false, Err(f));
+                // Back-off after a failed accept (EMFILE would otherwise spin).
                 thread::sleep(Duration::from_millis(10));
             }
         }

@@ -189,6 +189,7 @@ impl Tx {
             s.write_all(&self.buf[..size])
                 .map_err(|e| io_fail(self.dir, at, end, e))?;
             if let Some(ms) = uneven.then(|| pause_ms(&mut self.rng)).flatten() {
+                // The traffic pattern (a scripted pause), not a synchronisation.
                 thread::sleep(Duration::from_millis(ms));
             }
         }
@@ -248,6 +249,7 @@ impl Rx<'_> {
             }
             self.take(got, end)?;
             if slow {
+                // The traffic pattern: a slow reader, so the sender meets backpressure.
                 thread::sleep(Duration::from_millis(1));
             }
         }

@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The engine configurations the soak knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -151,15 +151,9 @@ impl Proxy {
     pub fn stop(mut self) -> Stopped {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let t = Instant::now();
-        let mut status = None;
-        while t.elapsed() < Duration::from_secs(40) {
-            if let Some(st) = self.exited() {
-                status = Some(st);
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        let status =
+            ambassador_test_support::poll(Duration::from_secs(40), "the drain", || self.exited())
+                .ok();
         if status.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -1,42 +1,36 @@
-//! Deterministic randomness: [`Rng`] (splitmix64) draws the script's
-//! decisions, [`ByteStream`] (the shared test stream) is the content of one direction of
-//! one connection. Both ends build the same generators from the connection's
-//! seed, so the receiver checks every byte as it arrives and nothing is ever
-//! buffered beyond one read.
+//! Deterministic randomness: [`Rng`] (the `rand_chacha` crate's ChaCha8, which is
+//! reproducible by design: the same seed gives the same numbers on every platform) draws the
+//! script's decisions, [`ByteStream`] (the shared test stream) is the content of one direction
+//! of one connection. Both ends build the same generators from the connection's seed, so the
+//! receiver checks every byte as it arrives and nothing is ever buffered beyond one read.
 
 use ambassador_test_support::Stream;
+use rand::{Rng as _, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// The splitmix64 finaliser: a good 64-bit mix of `z`.
-pub fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// A 64-bit value derived from `z` (the first output of the generator seeded with it): seeds of
+/// connections and directions, and the header's check.
+pub fn mix(z: u64) -> u64 {
+    ChaCha8Rng::seed_from_u64(z).next_u64()
 }
 
-/// splitmix64: the script's decisions (sizes, end, pauses).
+/// The script's decisions (sizes, end, pauses), in the few shapes it needs.
 #[derive(Clone)]
-pub struct Rng(u64);
+pub struct Rng(ChaCha8Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(mix(seed ^ 0x5EED_0F50_A4C0_FFEE))
+        Rng(ChaCha8Rng::seed_from_u64(seed))
     }
 
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(GOLDEN);
-        mix(self.0)
-    }
-
-    /// Uniform in `0..n` (`n > 0`; the modulo bias is irrelevant here).
+    /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
+        self.0.gen_range(0..n)
     }
 
     /// Uniform in `lo..=hi`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
+        self.0.gen_range(lo..=hi)
     }
 
     /// True with probability `1/n`.

@@ -19,7 +19,8 @@
 //!
 //! - **At run time** ([`OwnUpstreams`]): every upstream socket's local
 //!   address and destination are recorded the moment `connect(2)` is
-//!   issued, before the handshake can complete, and forgotten when the
+//!   issued (with the table locked across the call: the accept loops and
+//!   the connects run on different worker threads), and forgotten when the
 //!   socket closes. When an accept loop accepts a client whose address is
 //!   one of those local addresses, and which arrived at that socket's
 //!   destination (the same TCP four-tuple: nothing else can have it), that
@@ -183,27 +184,45 @@ pub struct OwnUpstreams {
 }
 
 impl OwnUpstreams {
-    /// Record an upstream socket from `local` to `remote` as soon as its
-    /// local address is known (right after `connect(2)` is issued).
-    /// Forgotten when the returned guard is dropped, which must be when the
-    /// socket is closed or later.
+    /// Record an upstream socket from `local` to `remote` (see
+    /// [`OwnUpstreams::connect_registered`]). Forgotten when the returned
+    /// guard is dropped, which must be when the socket is closed or later.
     pub fn register(
         self: &Arc<Self>,
         local: SocketAddr,
         remote: SocketAddr,
         origin: Origin,
     ) -> Registration {
+        self.connect_registered(remote, origin, || Ok(local))
+            .expect("no connect to fail")
+    }
+
+    /// Issue `connect` (a non-blocking `connect(2)` to `remote` that
+    /// returns the socket's local address) and record the socket, with the
+    /// table locked from before the call until the record is in. On
+    /// loopback the handshake can complete inside the call, and the accept
+    /// loop (on another worker's thread) may accept the connection at once;
+    /// its check ([`OwnUpstreams::may_be_own`]) takes the same lock, so it
+    /// waits for the record and never misses a loop.
+    pub fn connect_registered(
+        self: &Arc<Self>,
+        remote: SocketAddr,
+        origin: Origin,
+        connect: impl FnOnce() -> std::io::Result<SocketAddr>,
+    ) -> std::io::Result<Registration> {
+        let mut map = self.map();
+        let local = connect()?;
         let looped = Arc::new(AtomicBool::new(false));
-        self.map().entry(local).or_default().push(Entry {
+        map.entry(local).or_default().push(Entry {
             remote,
             origin,
             looped: looped.clone(),
         });
-        Registration {
+        Ok(Registration {
             own: self.clone(),
             local,
             looped,
-        }
+        })
     }
 
     /// The table (shared by every worker: a connect made on one worker may

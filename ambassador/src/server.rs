@@ -692,8 +692,9 @@ async fn connect(
 }
 
 /// One non-blocking `connect(2)`. The socket is registered for the loop
-/// check right after the call, before the handshake can complete and our
-/// own accept loop can see it; the descriptor reservation (`pending`) is
+/// check with the table locked across the call, so the accept loop (on the
+/// first worker's thread) cannot check a client before its record is in
+/// (see [`OwnUpstreams::connect_registered`]); the descriptor reservation (`pending`) is
 /// released once the socket exists.
 async fn connect_one(
     addr: SocketAddr,
@@ -710,17 +711,18 @@ async fn connect_one(
     )
     .map_err(plain)?;
     pending.borrow_mut().take();
-    match sock.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(plain(e)),
-    }
-    let local = sock
-        .local_addr()
-        .map_err(plain)?
-        .as_socket()
-        .ok_or_else(|| plain(io::Error::other("upstream socket has no IP address")))?;
-    let registration = own.register(local, addr, origin.clone());
+    let registration = own
+        .connect_registered(addr, origin.clone(), || {
+            match sock.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            sock.local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("upstream socket has no IP address"))
+        })
+        .map_err(plain)?;
     let stream = TcpStream::from_std(sock.into()).map_err(plain)?;
     let looped = |e| {
         let looped = registration.looped();

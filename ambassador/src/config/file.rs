@@ -510,4 +510,16 @@ balance = "round-robin"
         assert_eq!(e.lines().count(), 1, "{e}");
         eprintln!("{e}");
     }
+
+    #[test]
+    fn workers_is_a_number_or_auto() {
+        let w = |t: &str| parse_str("amb.toml", t).unwrap().globals.workers;
+        assert_eq!(w("workers = 3\n"), Some(Workers::Count(3)));
+        assert_eq!(w("workers = \"auto\"\n"), Some(Workers::Auto));
+        assert_eq!(w(""), None);
+        let e = err("connect_timeout = \"2s\"\nworkers = 0\n");
+        assert!(e.starts_with("amb.toml:2: workers: "), "{e}");
+        let e = err("workers = \"many\"\n");
+        assert!(e.starts_with("amb.toml:1: workers: "), "{e}");
+    }
 }

@@ -113,6 +113,35 @@ fn uring_limit_is_global() {
     limit_is_global("uring")
 }
 
+/// `auto` (the default) counts the CPUs in the affinity mask: pinned to
+/// one CPU, the process runs one worker.
+#[test]
+fn auto_honours_the_affinity_mask() {
+    use std::os::unix::process::CommandExt;
+    let echo = echo_server();
+    let port = free_port();
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear().args([
+        "--mode",
+        "epoll",
+        "--forward",
+        &format!("127.0.0.1:{port}=127.0.0.1:{echo}"),
+    ]);
+    // Safety: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let p = Proxy::spawn(cmd, port).expect("ready");
+    assert!(p.wait_line(&["ready", "workers=1"], 5), "{}", p.log());
+}
+
 /// The sockmap engine runs one worker and says why.
 #[test]
 fn sockmap_runs_one_worker_and_says_so() {

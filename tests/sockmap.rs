@@ -39,6 +39,7 @@ fn settings(idle: Option<Duration>) -> Settings {
         idle_timeout: idle,
         max_conns: 0,
         drain_timeout: Duration::from_secs(5),
+        workers: ambassador::config::Workers::Count(1),
     }
 }
 
@@ -149,7 +150,7 @@ fn with_proxy_policy<R: Send + 'static>(
             r
         });
         let stats = Arc::new(ForwardStats::default());
-        let settings = Rc::new(settings(idle));
+        let settings = std::sync::Arc::new(settings(idle));
         let live = Rc::new(Cell::new(0usize));
         let errors = Rc::new(Cell::new(0u64));
         let mut id = 0;
@@ -1199,7 +1200,7 @@ fn integrity_check_resets_a_stream_the_kernel_duplicated() {
             client_addr: caddr,
             upstream_addr: upstream,
             stats: Arc::new(ForwardStats::default()),
-            settings: Rc::new(settings(None)),
+            settings: std::sync::Arc::new(settings(None)),
         };
         let stats = conn.stats.clone();
         let r = sockmap::splice(&sm, conn, [READ as u64, 0]).await;
@@ -1419,7 +1420,7 @@ fn adaptive_copy_loop_finishes_after_a_half_close_and_a_pause_request() {
         client_addr: caddr,
         upstream_addr: upstream,
         stats: Arc::new(ForwardStats::default()),
-        settings: Rc::new(settings(None)),
+        settings: std::sync::Arc::new(settings(None)),
     };
     // Promote at the first quiet point: every read asks for a pause.
     let promote = Promote {

@@ -93,6 +93,16 @@ pub struct Cli {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub max_conns: usize,
 
+    /// Worker threads, each with its own event loop: a number, or auto (the
+    /// CPUs this process may run on: affinity and cgroup CPU quota).
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "N|auto",
+        env = "AMBASSADOR_WORKERS"
+    )]
+    pub workers: String,
+
     /// After SIGTERM/SIGINT, how long live connections may take to finish.
     #[arg(long, default_value = "30s", value_name = "DUR")]
     pub drain_timeout: String,
@@ -254,6 +264,8 @@ impl Cli {
             max_conns: self.max_conns,
             // 0: on SIGTERM, reset every live connection at once.
             drain_timeout: flag_duration("--drain-timeout", &self.drain_timeout, true)?,
+            workers: parse::workers(&self.workers)
+                .map_err(|e| ConfigError(format!("--workers: {e}")))?,
         };
         if let Some(file) = &file {
             self.apply_file_globals(&mut settings, &file.globals);
@@ -387,6 +399,11 @@ impl Cli {
             && !self.given("drain_timeout")
         {
             s.drain_timeout = v;
+        }
+        if let Some(v) = g.workers
+            && !self.given("workers")
+        {
+            s.workers = v;
         }
     }
 

@@ -173,7 +173,28 @@ pub struct Settings {
     pub nodelay: bool,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
-    /// Connections at once per forward; 0 = unlimited.
+    /// Connections at once per forward, across all workers; 0 = unlimited.
     pub max_conns: usize,
     pub drain_timeout: Duration,
+    /// How many worker threads (runtimes) serve connections.
+    pub workers: Workers,
+}
+
+/// `--workers N|auto`: how many worker threads, each with its own runtime
+/// (and ring, for the uring engine). `auto` is decided at start-up by
+/// [`crate::cpus::available`]: the CPUs this process may run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Workers {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+impl std::fmt::Display for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workers::Auto => f.write_str("auto"),
+            Workers::Count(n) => write!(f, "{n}"),
+        }
+    }
 }

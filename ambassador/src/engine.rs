@@ -50,18 +50,20 @@ pub struct Conn {
     /// Process-unique connection number, for logs.
     pub id: u64,
     /// The forward's source (variable or flag), for logs.
-    pub forward: Rc<str>,
+    pub forward: Arc<str>,
     pub client: TcpStream,
     pub upstream: TcpStream,
     pub client_addr: SocketAddr,
     pub upstream_addr: SocketAddr,
     pub stats: Arc<ForwardStats>,
-    pub settings: Rc<Settings>,
+    pub settings: Arc<Settings>,
 }
 
 thread_local! {
-    /// The abort signal of the server running on this thread (each runtime
-    /// is single-threaded, and so is every connection's engine code).
+    /// The abort signal of the server, as this thread's runtime sees it
+    /// (each worker's runtime is single-threaded, and so is every
+    /// connection's engine code; every worker gets a receiver of the one
+    /// signal).
     static ABORT: std::cell::RefCell<Option<tokio::sync::watch::Receiver<bool>>> =
         const { std::cell::RefCell::new(None) };
 }
@@ -82,8 +84,13 @@ impl Abort {
     /// and raises it with `send(true)`.
     pub fn install() -> tokio::sync::watch::Sender<bool> {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        ABORT.with(|a| *a.borrow_mut() = Some(rx));
+        Abort::install_rx(rx);
         tx
+    }
+
+    /// Install another thread's receiver of the signal (a worker's).
+    pub fn install_rx(rx: tokio::sync::watch::Receiver<bool>) {
+        ABORT.with(|a| *a.borrow_mut() = Some(rx));
     }
 
     /// The signal of the server on this thread (one that never fires if

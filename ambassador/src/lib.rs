@@ -16,6 +16,7 @@
 //! - [`bpf`]: loading the eBPF program and talking to its maps.
 //! - [`metrics`]: per-forward counters; [`exporter`] renders them for
 //!   Prometheus and [`http`] serves `/metrics`, `/healthz`, `/readyz`.
+//! - [`cpus`]: how many CPUs this process may use (`--workers auto`).
 //! - [`caps`]: dropping capabilities after start-up.
 //! - [`balance`]: choosing a backend and passive health (decisions only);
 //!   [`upstream`] does the connecting for it.
@@ -29,6 +30,7 @@ pub mod bpf;
 pub mod caps;
 pub mod cli;
 pub mod config;
+pub mod cpus;
 pub mod discovery;
 pub mod engine;
 pub mod exporter;

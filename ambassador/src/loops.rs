@@ -19,7 +19,8 @@
 //!
 //! - **At run time** ([`OwnUpstreams`]): every upstream socket's local
 //!   address and destination are recorded the moment `connect(2)` is
-//!   issued, before the handshake can complete, and forgotten when the
+//!   issued (with the table locked across the call: the accept loops and
+//!   the connects run on different worker threads), and forgotten when the
 //!   socket closes. When an accept loop accepts a client whose address is
 //!   one of those local addresses, and which arrived at that socket's
 //!   destination (the same TCP four-tuple: nothing else can have it), that
@@ -33,11 +34,10 @@
 
 use crate::config::{Forward, Host};
 use crate::metrics::ForwardStats;
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long start-up waits, in total, for names to resolve for the check.
@@ -159,18 +159,18 @@ fn resolve_bounded(
 /// The forward an upstream socket belongs to, for the loop check.
 #[derive(Clone)]
 pub struct Origin {
-    pub source: Rc<str>,
+    pub source: Arc<str>,
     pub stats: Arc<ForwardStats>,
     /// Shared by all connections of the forward: a loop warning was logged
     /// and no connection has completed without looping since.
-    pub episode: Rc<Cell<bool>>,
+    pub episode: Arc<AtomicBool>,
 }
 
 struct Entry {
     /// Where the socket connects to.
     remote: SocketAddr,
     origin: Origin,
-    looped: Rc<Cell<bool>>,
+    looped: Arc<AtomicBool>,
 }
 
 /// The upstream sockets this process has open, by local address. A local
@@ -180,41 +180,62 @@ struct Entry {
 /// upstream socket's destination.
 #[derive(Default)]
 pub struct OwnUpstreams {
-    by_local: RefCell<HashMap<SocketAddr, Vec<Entry>>>,
+    by_local: Mutex<HashMap<SocketAddr, Vec<Entry>>>,
 }
 
 impl OwnUpstreams {
-    /// Record an upstream socket from `local` to `remote` as soon as its
-    /// local address is known (right after `connect(2)` is issued).
-    /// Forgotten when the returned guard is dropped, which must be when the
-    /// socket is closed or later.
+    /// Record an upstream socket from `local` to `remote` (see
+    /// [`OwnUpstreams::connect_registered`]). Forgotten when the returned
+    /// guard is dropped, which must be when the socket is closed or later.
     pub fn register(
-        self: &Rc<Self>,
+        self: &Arc<Self>,
         local: SocketAddr,
         remote: SocketAddr,
         origin: Origin,
     ) -> Registration {
-        let looped = Rc::new(Cell::new(false));
-        self.by_local
-            .borrow_mut()
-            .entry(local)
-            .or_default()
-            .push(Entry {
-                remote,
-                origin,
-                looped: looped.clone(),
-            });
-        Registration {
+        self.connect_registered(remote, origin, || Ok(local))
+            .expect("no connect to fail")
+    }
+
+    /// Issue `connect` (a non-blocking `connect(2)` to `remote` that
+    /// returns the socket's local address) and record the socket, with the
+    /// table locked from before the call until the record is in. On
+    /// loopback the handshake can complete inside the call, and the accept
+    /// loop (on another worker's thread) may accept the connection at once;
+    /// its check ([`OwnUpstreams::may_be_own`]) takes the same lock, so it
+    /// waits for the record and never misses a loop.
+    pub fn connect_registered(
+        self: &Arc<Self>,
+        remote: SocketAddr,
+        origin: Origin,
+        connect: impl FnOnce() -> std::io::Result<SocketAddr>,
+    ) -> std::io::Result<Registration> {
+        let mut map = self.map();
+        let local = connect()?;
+        let looped = Arc::new(AtomicBool::new(false));
+        map.entry(local).or_default().push(Entry {
+            remote,
+            origin,
+            looped: looped.clone(),
+        });
+        Ok(Registration {
             own: self.clone(),
             local,
             looped,
-        }
+        })
+    }
+
+    /// The table (shared by every worker: a connect made on one worker may
+    /// come back through another's accept). A panic elsewhere cannot leave
+    /// it half-updated, so a poisoned lock is used as it is.
+    fn map(&self) -> MutexGuard<'_, HashMap<SocketAddr, Vec<Entry>>> {
+        self.by_local.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Might a client from `peer` be one of our own upstream sockets? (A
     /// cheap first test, before asking the accepted socket its address.)
     pub fn may_be_own(&self, peer: SocketAddr) -> bool {
-        self.by_local.borrow().contains_key(&peer)
+        self.map().contains_key(&peer)
     }
 
     /// An accepted client from `peer` to our address `local`: if that is
@@ -222,16 +243,16 @@ impl OwnUpstreams {
     /// its forward, warn once per episode, and return true (the caller
     /// resets the client).
     pub fn is_own(&self, peer: SocketAddr, local: SocketAddr, listener: &str) -> bool {
-        let map = self.by_local.borrow();
+        let map = self.map();
         let Some(e) = map
             .get(&peer)
             .and_then(|v| v.iter().find(|e| reaches(e.remote, local)))
         else {
             return false;
         };
-        e.looped.set(true);
+        e.looped.store(true, Relaxed);
         ForwardStats::add(&e.origin.stats.errors, 1);
-        if !e.origin.episode.replace(true) {
+        if !e.origin.episode.swap(true, Relaxed) {
             tracing::warn!(
                 forward = %e.origin.source,
                 via = %listener,
@@ -251,23 +272,23 @@ fn reaches(remote: SocketAddr, local: SocketAddr) -> bool {
 
 /// One registered upstream socket; unregisters on drop.
 pub struct Registration {
-    own: Rc<OwnUpstreams>,
+    own: Arc<OwnUpstreams>,
     local: SocketAddr,
-    looped: Rc<Cell<bool>>,
+    looped: Arc<AtomicBool>,
 }
 
 impl Registration {
     /// Did this connection come back to us (see [`OwnUpstreams::is_own`])?
     pub fn looped(&self) -> bool {
-        self.looped.get()
+        self.looped.load(Relaxed)
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut map = self.own.by_local.borrow_mut();
+        let mut map = self.own.map();
         if let Some(v) = map.get_mut(&self.local) {
-            v.retain(|e| !Rc::ptr_eq(&e.looped, &self.looped));
+            v.retain(|e| !Arc::ptr_eq(&e.looped, &self.looped));
             if v.is_empty() {
                 map.remove(&self.local);
             }
@@ -300,11 +321,11 @@ mod tests {
 
     #[test]
     fn own_sockets_are_matched_by_both_ends() {
-        let own = Rc::new(OwnUpstreams::default());
+        let own = Arc::new(OwnUpstreams::default());
         let origin = Origin {
             source: "A".into(),
             stats: Arc::default(),
-            episode: Rc::default(),
+            episode: Arc::default(),
         };
         let reg = own.register(sa("127.0.0.1:40000"), sa("127.0.0.1:7000"), origin.clone());
         let other = own.register(sa("127.0.0.1:40000"), sa("127.0.0.1:9999"), origin.clone());

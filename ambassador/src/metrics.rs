@@ -6,6 +6,7 @@
 //! from what userspace copied (`bytes_*`), which is the proof of splicing:
 //! for a spliced connection `bytes_*` stays at the pre-insert bytes only.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Counters of one forward. All monotonic except `conns_active`.
@@ -91,17 +92,17 @@ impl Default for BackendStats {
 }
 
 /// Marks a connection active for as long as it lives.
-pub struct ActiveGuard<'a>(&'a ForwardStats);
+pub struct ActiveGuard(Arc<ForwardStats>);
 
-impl<'a> ActiveGuard<'a> {
-    pub fn new(stats: &'a ForwardStats) -> Self {
+impl ActiveGuard {
+    pub fn new(stats: Arc<ForwardStats>) -> Self {
         stats.conns_total.fetch_add(1, Relaxed);
         stats.conns_active.fetch_add(1, Relaxed);
         ActiveGuard(stats)
     }
 }
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.conns_active.fetch_sub(1, Relaxed);
     }

@@ -19,8 +19,8 @@
 //!    end; a changed forward's accept loop gets its new backends for the
 //!    next client (live connections keep theirs; a backend kept by the
 //!    change keeps its health and counters); an added forward starts.
-//!    Timeouts apply to connections accepted from then on. `mode`, `splice`
-//!    and `max_conns` of running forwards need a restart; a reload that
+//!    Timeouts apply to connections accepted from then on. `mode`, `splice`,
+//!    `max_conns` and `workers` of running forwards need a restart; a reload that
 //!    changes them says so in a warning and applies the rest.
 //!
 //! A forward whose backends come from etcd (`crate::discovery`) is
@@ -38,12 +38,11 @@ use crate::loops::Origin;
 use crate::metrics::ForwardStats;
 use crate::server::{Current, Fwd, Shared, accept_loop, bind};
 use crate::upstream::Upstreams;
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -160,12 +159,15 @@ pub fn restart_only(old: &Settings, new: &Settings) -> Vec<&'static str> {
     if old.max_conns != new.max_conns {
         v.push("max_conns");
     }
+    if old.workers != new.workers {
+        v.push("workers");
+    }
     v
 }
 
 struct Running {
     forward: Forward,
-    fwd: Rc<Fwd>,
+    fwd: Arc<Fwd>,
     stats: Arc<ForwardStats>,
     stop: watch::Sender<bool>,
     /// A forward from etcd: its watcher and the last set it sent.
@@ -186,7 +188,7 @@ impl Etcd {
 
 /// The running forwards of the server.
 pub(crate) struct Live {
-    settings: Rc<Settings>,
+    settings: Arc<Settings>,
     shared: Rc<Shared>,
     running: BTreeMap<SocketAddr, Running>,
     /// Every forward's counters, removed ones too (their connections may
@@ -197,7 +199,7 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    pub fn new(settings: Rc<Settings>, shared: Rc<Shared>, etcd: Starter) -> Live {
+    pub fn new(settings: Arc<Settings>, shared: Rc<Shared>, etcd: Starter) -> Live {
         Live {
             settings,
             shared,
@@ -207,7 +209,7 @@ impl Live {
         }
     }
 
-    pub fn settings(&self) -> Rc<Settings> {
+    pub fn settings(&self) -> Arc<Settings> {
         self.settings.clone()
     }
 
@@ -252,13 +254,13 @@ impl Live {
             backends = %Backends(backends.clone()),
             "listening"
         );
-        let fwd = Rc::new(Fwd {
+        let fwd = Arc::new(Fwd {
             origin: Origin {
                 source: forward.source.as_str().into(),
                 stats: stats.clone(),
-                episode: Rc::default(),
+                episode: Arc::default(),
             },
-            current: RefCell::new(self.current(&forward, backends, &stats, None)),
+            current: Mutex::new(self.current(&forward, backends, &stats, None)),
         });
         let (stop, stop_rx) = watch::channel(false);
         tokio::task::spawn_local(accept_loop(
@@ -309,10 +311,10 @@ impl Live {
         }
         e.backends = u.backends.clone();
         let (forward, stats) = (r.forward.clone(), r.stats.clone());
-        let old = r.fwd.current.borrow().upstreams.clone();
+        let old = r.fwd.current().upstreams.clone();
         let current = self.current(&forward, u.backends.clone(), &stats, Some(&old));
         let r = self.running.get_mut(&u.listen).expect("present");
-        *r.fwd.current.borrow_mut() = current;
+        *r.fwd.current() = current;
         let n = u.backends.len();
         let backends = Backends(u.backends);
         let kind = forward.discovery.as_ref().map_or("etcd", |d| d.kind_name());
@@ -374,7 +376,8 @@ impl Live {
         settings.mode = self.settings.mode;
         settings.splice = self.settings.splice;
         settings.max_conns = self.settings.max_conns;
-        self.settings = Rc::new(settings);
+        settings.workers = self.settings.workers;
+        self.settings = Arc::new(settings);
 
         for addr in &d.removed {
             if let Some(r) = self.running.remove(addr) {
@@ -387,7 +390,7 @@ impl Live {
         }
         for f in &d.changed {
             let Some((stats, old, etcd)) = self.running.get_mut(&f.listen).map(|r| {
-                let old = r.fwd.current.borrow().upstreams.clone();
+                let old = r.fwd.current().upstreams.clone();
                 (r.stats.clone(), old, r.etcd.take())
             }) else {
                 continue;
@@ -405,7 +408,7 @@ impl Live {
             };
             let current = self.current(f, backends, &stats, Some(&old));
             let r = self.running.get_mut(&f.listen).expect("present");
-            *r.fwd.current.borrow_mut() = current;
+            *r.fwd.current() = current;
             r.etcd = etcd;
             tracing::info!(forward = %f.source, listen = %f.listen, target = %f.target_display(),
                 "forward changed: new connections use the new backends");
@@ -413,7 +416,7 @@ impl Live {
         }
         // Unchanged forwards take the new timeouts too.
         for r in self.running.values() {
-            r.fwd.current.borrow_mut().settings = self.settings.clone();
+            r.fwd.current().settings = self.settings.clone();
         }
         for (f, l) in d.added.iter().zip(bound) {
             let etcd = self.watch(f);

@@ -3,10 +3,13 @@
 //!
 //! Start-up is all or nothing: every listener is bound before the first
 //! connection is accepted, and if one cannot be bound the process exits
-//! naming it. Then one accept loop per forward runs on a single-threaded
-//! runtime (tokio, or tokio-uring for the uring engine):
+//! naming it. Then one accept loop per forward runs on the first worker's
+//! single-threaded runtime (tokio, or tokio-uring for the uring engine),
+//! and each accepted client is handed to a worker (`server/workers.rs`:
+//! `--workers N`, round-robin) for steps 4 and 5:
 //!
-//! 1. take a slot from the forward's `--max-conns` semaphore (when the
+//! 1. take a slot from the forward's `--max-conns` semaphore (one per
+//!    forward, for all workers; when the
 //!    forward is full we stop calling accept, so new clients wait in the
 //!    kernel's backlog instead of being accepted and reset);
 //! 2. check there are file descriptors for the client and its upstream
@@ -37,6 +40,7 @@
 //!   [`crate::reload`]), or logs that there is nothing to reload.
 
 mod fds;
+mod workers;
 
 use crate::config::{Host, Settings};
 use crate::discovery::etcd::Feeds;
@@ -48,18 +52,18 @@ use crate::reload::{Etcd, Live};
 use crate::upstream::{AttemptError, Failure, Upstreams};
 use fds::{Backoff, FdBudget};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
+use workers::{Worker, Workers};
 
 /// After the abort is raised, how long engines get to reset their
 /// connections themselves before the process exits anyway (the sockets
@@ -152,9 +156,16 @@ pub fn run_with(
     reloader: Option<Reloader>,
     feeds: Feeds,
 ) -> Result<Stop, StartError> {
-    let settings = Rc::new(settings);
+    let workers = worker_count(&settings, &engine);
+    let settings = Arc::new(settings);
     let uring = matches!(engine, Engine::Uring);
-    let serve = serve(settings, Rc::new(engine), listeners, reloader, feeds);
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let start = Start {
+        engine: Rc::new(engine),
+        workers,
+        abort: (abort_tx, abort_rx),
+    };
+    let serve = serve(settings, start, listeners, reloader, feeds);
     // When connections were cut, the runtime is not dropped: dropping it
     // would wait for (or cancel) every engine's pending operations, while
     // exiting lets the kernel close every socket at once, with the RST
@@ -217,50 +228,68 @@ impl Signals {
     }
 }
 
-/// Everything the accept loops and connections of the process share.
-pub(crate) struct Shared {
-    engine: Rc<Engine>,
-    ids: Cell<u64>,
-    fds: Rc<FdBudget>,
-    own: Rc<OwnUpstreams>,
-    /// The sockets of every connection an engine is relaying, by id: see
-    /// [`Shared::reset_all_live`].
-    live: RefCell<HashMap<u64, [RawFd; 2]>>,
+/// How many workers: `--workers`, `auto` read from the CPUs we may use,
+/// and 1 for the sockmap engine (said in the log, never silently).
+fn worker_count(settings: &Settings, engine: &Engine) -> usize {
+    let n = match settings.workers {
+        crate::config::Workers::Auto => crate::cpus::available(),
+        crate::config::Workers::Count(n) => n,
+    };
+    if n > 1 && matches!(engine, Engine::Sockmap(_)) {
+        tracing::info!(
+            asked = %settings.workers,
+            "sockmap: 1 worker (its maps and per-connection state are single-threaded; \
+             the uring and epoll engines run several)"
+        );
+        return 1;
+    }
+    n
 }
 
-impl Shared {
-    /// Set SO_LINGER 0 on both sockets of every live connection, so that
-    /// however they are closed (by the engine, or by the process exiting)
-    /// the peers see RST.
-    fn reset_all_live(&self) {
-        for fds in self.live.borrow().values() {
-            for &fd in fds {
-                // Safety: an entry lives only while its engine's `relay`
-                // runs, and every engine keeps both sockets open until
-                // `relay` returns; the runtime is single-threaded, so no
-                // socket can close while this loop runs.
-                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-                crate::engine::set_reset_on_close(&fd);
-            }
-        }
-    }
+/// What `serve` starts with besides the configuration.
+struct Start {
+    engine: Rc<Engine>,
+    workers: usize,
+    /// The abort signal (see [`Abort`]): raised by the server, seen by
+    /// every worker.
+    abort: (watch::Sender<bool>, watch::Receiver<bool>),
+}
+
+/// Everything the accept loops of the process share (they all run on the
+/// first worker's thread).
+pub(crate) struct Shared {
+    ids: Cell<u64>,
+    fds: Arc<FdBudget>,
+    own: Arc<OwnUpstreams>,
+    workers: Workers,
 }
 
 async fn serve(
-    settings: Rc<Settings>,
-    engine: Rc<Engine>,
+    settings: Arc<Settings>,
+    start: Start,
     listeners: Vec<std::net::TcpListener>,
     reloader: Option<Reloader>,
     feeds: Feeds,
 ) -> Result<Stop, StartError> {
-    let abort_tx = Abort::install();
+    let Start {
+        engine,
+        workers,
+        abort: (abort_tx, abort_rx),
+    } = start;
+    Abort::install_rx(abort_rx.clone());
     let mut signals = Signals::install().map_err(StartError::Runtime)?;
+    // Before the workers start: threads inherit the capability sets.
+    match crate::caps::drop_all() {
+        Ok(crate::caps::Dropped(Some(held))) => tracing::info!(was = %held, "capabilities dropped"),
+        Ok(crate::caps::Dropped(None)) => {}
+        Err(e) => return Err(StartError::Caps(e)),
+    }
+    let workers = Workers::start(workers, engine.clone(), abort_rx).map_err(StartError::Runtime)?;
     let shared = Rc::new(Shared {
-        engine: engine.clone(),
         ids: Cell::new(0),
         fds: FdBudget::new().map_err(StartError::Runtime)?,
-        own: Rc::default(),
-        live: RefCell::default(),
+        own: Arc::default(),
+        workers,
     });
     // The running forwards; a reload adds, removes and changes them.
     let Feeds {
@@ -275,19 +304,15 @@ async fn serve(
         live.start(forward.clone(), listener, etcd);
     }
     let mut changes = reloader.as_ref().and_then(Reloader::watch);
-    match crate::caps::drop_all() {
-        Ok(crate::caps::Dropped(Some(held))) => tracing::info!(was = %held, "capabilities dropped"),
-        Ok(crate::caps::Dropped(None)) => {}
-        Err(e) => return Err(StartError::Caps(e)),
-    }
     crate::exporter::on_ready(engine.clone());
-    tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(), "ready");
+    tracing::info!(forwards = settings.forwards.len(), engine = %engine.name(),
+        workers = shared.workers.len(), "ready");
 
     loop {
         tokio::select! {
             asked = signals.next() => match asked {
                 Asked::Stop => break,
-                Asked::Stats => AllStats(live.all_stats()).log(&engine),
+                Asked::Stats => AllStats(live.all_stats(), &shared.workers).log(&engine),
                 Asked::Reload => live.reload(reloader.as_ref(), "SIGHUP"),
             },
             () = crate::reload::changed(&mut changes) => {
@@ -298,10 +323,11 @@ async fn serve(
     }
     live.stop_all();
     crate::exporter::global().set_draining();
-    let all_stats = AllStats(live.all_stats());
+    let all_stats = AllStats(live.all_stats(), &shared.workers);
     let stop = drain(&live.settings(), &engine, &all_stats, &mut signals).await;
     if stop != Stop::Drained {
-        shared.reset_all_live();
+        // Worker 0's here; the others' when they see the abort.
+        shared.workers.local().reset_all_live();
         let _ = abort_tx.send(true);
         if stop == Stop::TimedOut {
             // Let the engines reset their connections (bounded: the
@@ -314,10 +340,11 @@ async fn serve(
     Ok(stop)
 }
 
-/// Every forward's counters, for the drain and the `stats` lines.
-struct AllStats(Vec<(String, Arc<ForwardStats>)>);
+/// Every forward's counters, for the drain and the `stats` lines, and the
+/// workers' (one `workers` line).
+struct AllStats<'a>(Vec<(String, Arc<ForwardStats>)>, &'a Workers);
 
-impl AllStats {
+impl AllStats<'_> {
     fn active(&self) -> u64 {
         self.0
             .iter()
@@ -334,6 +361,7 @@ impl AllStats {
 
     fn log(&self, engine: &Engine) {
         engine.refresh_stats();
+        self.1.log();
         for (source, s) in &self.0 {
             s.log(source);
         }
@@ -345,7 +373,7 @@ impl AllStats {
 async fn drain(
     settings: &Settings,
     engine: &Engine,
-    all_stats: &AllStats,
+    all_stats: &AllStats<'_>,
     signals: &mut Signals,
 ) -> Stop {
     let active = all_stats.active();
@@ -390,23 +418,31 @@ fn reload() {
 /// backends and the settings. A reload replaces it; connections already
 /// running keep what they started with.
 pub(crate) struct Current {
-    pub upstreams: Rc<Upstreams>,
-    pub settings: Rc<Settings>,
+    pub upstreams: Arc<Upstreams>,
+    pub settings: Arc<Settings>,
 }
 
-/// One forward, as its accept loop and connections see it.
+/// One forward, as its accept loop and connections (on every worker) see
+/// it.
 pub(crate) struct Fwd {
     pub origin: Origin,
-    pub current: RefCell<Current>,
+    pub current: Mutex<Current>,
+}
+
+impl Fwd {
+    /// The backends and settings for the next client.
+    pub fn current(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    fwd: Rc<Fwd>,
+    fwd: Arc<Fwd>,
     shared: Rc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let max_conns = fwd.current.borrow().settings.max_conns;
+    let max_conns = fwd.current().settings.max_conns;
     let slots = (max_conns > 0).then(|| Arc::new(Semaphore::new(max_conns)));
     let source = fwd.origin.source.clone();
     let mut backoff = Backoff::new();
@@ -440,16 +476,30 @@ pub(crate) async fn accept_loop(
         let pending = shared.fds.pending();
         let id = shared.ids.get() + 1;
         shared.ids.set(id);
-        let (fwd, shared) = (fwd.clone(), shared.clone());
+        let (fwd, own) = (fwd.clone(), shared.own.clone());
         let (upstreams, settings) = {
-            let c = fwd.current.borrow();
+            let c = fwd.current();
             (c.upstreams.clone(), c.settings.clone())
         };
-        tokio::task::spawn_local(async move {
-            let _permit = permit;
-            let _active = ActiveGuard::new(&fwd.origin.stats);
-            let conf = (&upstreams, settings);
-            handle(id, client, client_addr, &fwd, conf, &shared, pending).await;
+        // Counted active from here, so a drain waits for a client that is
+        // still on its way to its worker.
+        let active = ActiveGuard::new(fwd.origin.stats.clone());
+        shared.workers.dispatch(move |worker: &Rc<Worker>| {
+            let worker = worker.clone();
+            tokio::task::spawn_local(async move {
+                let (_permit, _active, _counted) = (permit, active, worker.count());
+                let conf = (&upstreams, settings);
+                handle(
+                    id,
+                    client,
+                    client_addr,
+                    &fwd,
+                    conf,
+                    (&own, &worker),
+                    pending,
+                )
+                .await;
+            });
         });
     }
     tracing::debug!(forward = %source, "stopped accepting");
@@ -525,8 +575,8 @@ async fn handle(
     client: std::net::TcpStream,
     client_addr: SocketAddr,
     fwd: &Fwd,
-    (upstreams, settings): (&Rc<Upstreams>, Rc<Settings>),
-    shared: &Shared,
+    (upstreams, settings): (&Arc<Upstreams>, Arc<Settings>),
+    (own, worker): (&Arc<OwnUpstreams>, &Worker),
     pending: fds::Pending,
 ) {
     let (source, stats) = (&fwd.origin.source, &fwd.origin.stats);
@@ -536,7 +586,7 @@ async fn handle(
     // reservation goes to the first socket made.
     let pending = Rc::new(RefCell::new(Some(pending)));
     let attempt = |target: crate::config::Target| {
-        let (own, origin, pending) = (shared.own.clone(), fwd.origin.clone(), pending.clone());
+        let (own, origin, pending) = (own.clone(), fwd.origin.clone(), pending.clone());
         async move {
             connect(&target, &own, &origin, &pending)
                 .await
@@ -588,13 +638,13 @@ async fn handle(
         stats: stats.clone(),
         settings: settings.clone(),
     };
-    shared.live.borrow_mut().insert(id, fds);
-    let result = shared.engine.relay(conn).await;
-    shared.live.borrow_mut().remove(&id);
+    worker.live.borrow_mut().insert(id, fds);
+    let result = worker.engine.relay(conn).await;
+    worker.live.borrow_mut().remove(&id);
     let looped = registration.looped();
     if !looped {
         // A connection got through: a loop episode on this forward is over.
-        fwd.origin.episode.set(false);
+        fwd.origin.episode.store(false, Relaxed);
     }
     match result {
         Ok(()) => {
@@ -616,7 +666,7 @@ async fn handle(
 /// whether the attempt came back to us (then it is already reported).
 async fn connect(
     target: &crate::config::Target,
-    own: &Rc<OwnUpstreams>,
+    own: &Arc<OwnUpstreams>,
     origin: &Origin,
     pending: &RefCell<Option<fds::Pending>>,
 ) -> Result<(TcpStream, SocketAddr, Registration), (io::Error, bool)> {
@@ -642,12 +692,13 @@ async fn connect(
 }
 
 /// One non-blocking `connect(2)`. The socket is registered for the loop
-/// check right after the call, before the handshake can complete and our
-/// own accept loop can see it; the descriptor reservation (`pending`) is
+/// check with the table locked across the call, so the accept loop (on the
+/// first worker's thread) cannot check a client before its record is in
+/// (see [`OwnUpstreams::connect_registered`]); the descriptor reservation (`pending`) is
 /// released once the socket exists.
 async fn connect_one(
     addr: SocketAddr,
-    own: &Rc<OwnUpstreams>,
+    own: &Arc<OwnUpstreams>,
     origin: &Origin,
     pending: &RefCell<Option<fds::Pending>>,
 ) -> Result<(TcpStream, Registration), (io::Error, bool)> {
@@ -660,17 +711,18 @@ async fn connect_one(
     )
     .map_err(plain)?;
     pending.borrow_mut().take();
-    match sock.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(plain(e)),
-    }
-    let local = sock
-        .local_addr()
-        .map_err(plain)?
-        .as_socket()
-        .ok_or_else(|| plain(io::Error::other("upstream socket has no IP address")))?;
-    let registration = own.register(local, addr, origin.clone());
+    let registration = own
+        .connect_registered(addr, origin.clone(), || {
+            match sock.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            sock.local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("upstream socket has no IP address"))
+        })
+        .map_err(plain)?;
     let stream = TcpStream::from_std(sock.into()).map_err(plain)?;
     let looped = |e| {
         let looped = registration.looped();

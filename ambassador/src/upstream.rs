@@ -20,23 +20,22 @@
 use crate::balance::{Pool, PoolConfig, Transition};
 use crate::config::{Host, Target};
 use crate::metrics::BackendStats;
-use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
-use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 /// The backends of one forward and their shared state.
 pub struct Upstreams {
-    forward: Rc<str>,
+    forward: Arc<str>,
     backends: Vec<Target>,
-    pool: RefCell<Pool>,
+    /// Shared by every worker: one balancing order and one health view.
+    pool: Mutex<Pool>,
     stats: Vec<Arc<BackendStats>>,
     /// Replaced by a reload: its checkers stop.
-    retired: std::cell::Cell<bool>,
+    retired: AtomicBool,
 }
 
 /// How one connect attempt failed.
@@ -106,7 +105,7 @@ impl Failure {
 
 /// One live connection's hold on its backend; released on drop.
 pub struct Lease {
-    ups: Rc<Upstreams>,
+    ups: Arc<Upstreams>,
     index: usize,
 }
 
@@ -118,7 +117,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.ups.pool.borrow_mut().closed(self.index);
+        self.ups.pool().closed(self.index);
         self.ups.stats[self.index]
             .conns_active
             .fetch_sub(1, Relaxed);
@@ -129,7 +128,7 @@ impl Upstreams {
     /// The backends of a forward. With `cfg.interval` set this spawns one
     /// active checker per backend on the current (local) runtime; the
     /// checkers end once the `Upstreams` is gone.
-    pub fn new(forward: Rc<str>, backends: Vec<Target>, cfg: PoolConfig) -> Rc<Upstreams> {
+    pub fn new(forward: Arc<str>, backends: Vec<Target>, cfg: PoolConfig) -> Arc<Upstreams> {
         Upstreams::replacing(None, forward, backends, cfg)
     }
 
@@ -138,42 +137,42 @@ impl Upstreams {
     /// `old` is retired (its checkers stop; its live connections go on).
     pub fn replacing(
         old: Option<&Upstreams>,
-        forward: Rc<str>,
+        forward: Arc<str>,
         backends: Vec<Target>,
         cfg: PoolConfig,
-    ) -> Rc<Upstreams> {
+    ) -> Arc<Upstreams> {
         let interval = cfg.interval;
         let mut pool = Pool::new(backends.len(), cfg);
         let mut stats = Vec::new();
         for (i, t) in backends.iter().enumerate() {
             match old.and_then(|o| o.backends.iter().position(|b| b == t).map(|j| (o, j))) {
                 Some((o, j)) => {
-                    pool.adopt(i, &o.pool.borrow(), j);
+                    pool.adopt(i, &o.pool(), j);
                     stats.push(o.stats[j].clone());
                 }
                 None => stats.push(Arc::new(BackendStats::new())),
             }
         }
         if let Some(o) = old {
-            o.retired.set(true);
+            o.retired.store(true, Relaxed);
         }
-        let ups = Rc::new(Upstreams {
+        let ups = Arc::new(Upstreams {
             forward,
-            pool: RefCell::new(pool),
+            pool: Mutex::new(pool),
             backends,
             stats,
-            retired: std::cell::Cell::new(false),
+            retired: AtomicBool::new(false),
         });
         if let Some(every) = interval {
             for i in 0..ups.backends.len() {
-                tokio::task::spawn_local(check_loop(Rc::downgrade(&ups), i, every));
+                tokio::task::spawn_local(check_loop(Arc::downgrade(&ups), i, every));
             }
         }
         ups
     }
 
     /// The forward's source (variable or flag), for logs.
-    pub fn source(&self) -> Rc<str> {
+    pub fn source(&self) -> Arc<str> {
         self.forward.clone()
     }
 
@@ -195,7 +194,7 @@ impl Upstreams {
     /// balancing order, each at most once, each within `timeout`, with a
     /// plain connect.
     pub async fn connect(
-        self: &Rc<Self>,
+        self: &Arc<Self>,
         id: u64,
         client: SocketAddr,
         timeout: Duration,
@@ -209,7 +208,7 @@ impl Upstreams {
     /// registers the socket for the loop check and takes the descriptor
     /// reservation). An [`AttemptError::Stop`] ends the tries at once.
     pub async fn connect_with<T, F, Fut>(
-        self: &Rc<Self>,
+        self: &Arc<Self>,
         id: u64,
         client: SocketAddr,
         timeout: Duration,
@@ -220,7 +219,7 @@ impl Upstreams {
         Fut: std::future::Future<Output = Result<T, AttemptError>>,
     {
         let plan = {
-            let mut pool = self.pool.borrow_mut();
+            let mut pool = self.pool();
             for i in pool.tick(Instant::now()) {
                 self.note(i, Transition::Trial);
             }
@@ -232,7 +231,7 @@ impl Upstreams {
             let failure = match tokio::time::timeout(timeout, attempt(target.clone())).await {
                 Ok(Ok(connected)) => {
                     let change = {
-                        let mut pool = self.pool.borrow_mut();
+                        let mut pool = self.pool();
                         pool.opened(i);
                         pool.connected(i)
                     };
@@ -261,7 +260,7 @@ impl Upstreams {
                 },
             };
             self.stats[i].connect_errors.fetch_add(1, Relaxed);
-            let change = self.pool.borrow_mut().failed(i, Instant::now());
+            let change = self.pool().failed(i, Instant::now());
             if let Some(t) = change {
                 self.note(i, t);
             }
@@ -276,6 +275,12 @@ impl Upstreams {
             last = failure;
         }
         Err(last)
+    }
+
+    /// The pool, locked (never across an await). A panic elsewhere cannot
+    /// leave it half-updated in a way that matters, so poison is ignored.
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Log a health transition of backend `i` and update its gauge.
@@ -308,11 +313,11 @@ impl Upstreams {
 /// (within the smaller of `every` and 5 s), closed at once; the result goes
 /// to the pool's rise/fall counters. Ends when the forward's `Upstreams`
 /// is dropped (removed or changed by a reload, and its connections done).
-async fn check_loop(ups: std::rc::Weak<Upstreams>, i: usize, every: Duration) {
+async fn check_loop(ups: std::sync::Weak<Upstreams>, i: usize, every: Duration) {
     let limit = every.min(Duration::from_secs(5));
     loop {
         tokio::time::sleep(every).await;
-        let Some(u) = ups.upgrade().filter(|u| !u.retired.get()) else {
+        let Some(u) = ups.upgrade().filter(|u| !u.retired.load(Relaxed)) else {
             return;
         };
         let target = u.backends[i].clone();
@@ -321,10 +326,10 @@ async fn check_loop(ups: std::rc::Weak<Upstreams>, i: usize, every: Duration) {
             tokio::time::timeout(limit, connect(&target)).await,
             Ok(Ok(_))
         );
-        let Some(u) = ups.upgrade().filter(|u| !u.retired.get()) else {
+        let Some(u) = ups.upgrade().filter(|u| !u.retired.load(Relaxed)) else {
             return;
         };
-        let change = u.pool.borrow_mut().checked(i, ok, Instant::now());
+        let change = u.pool().checked(i, ok, Instant::now());
         if let Some(t) = change {
             u.note_why(i, t, "failed health checks");
         }

@@ -200,7 +200,14 @@ pub fn serve<F>(handler: F) -> (u16, Arc<std::sync::atomic::AtomicUsize>)
 where
     F: Fn(TcpStream) + Send + Sync + 'static,
 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A backlog of 1024, not std's 128: a burst of connects (500 at once
+    // through several workers) must not overflow it into SYN cookies,
+    // whose failures reset connections on the server's side.
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(1024).unwrap();
+    let l: TcpListener = l.into();
     let port = l.local_addr().unwrap().port();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let acc = accepted.clone();

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! connect_timeout = "2s"      # any flag's setting: idle_timeout, max_conns,
-//! balance = "least-conn"      # drain_timeout, nodelay, mode, splice
+//! balance = "least-conn"      # drain_timeout, nodelay, mode, splice, workers
 //!
 //! [health]                    # health, for every forward
 //! fails = 3                   # passive: connect failures that eject
@@ -31,7 +31,7 @@
 //! command line or in its environment variable) wins over the file's
 //! global setting; a forward's own `balance`/`health` win over both.
 
-use super::{Backends, Forward, Mode, Proto, SplicePolicy, parse};
+use super::{Backends, Forward, Mode, Proto, SplicePolicy, Workers, parse};
 use crate::balance::{Balance, PoolConfig};
 use crate::discovery::Discovery;
 use serde::Deserialize;
@@ -39,6 +39,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::time::Duration;
 use toml::Spanned;
+
+/// `workers`: a number or `"auto"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WorkersDoc {
+    Count(i64),
+    Name(String),
+}
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +58,8 @@ struct FileDoc {
     idle_timeout: Option<Spanned<String>>,
     max_conns: Option<usize>,
     drain_timeout: Option<Spanned<String>>,
+    /// `workers = 2` or `workers = "auto"`.
+    workers: Option<Spanned<WorkersDoc>>,
     balance: Option<Spanned<String>>,
     health: Option<HealthDoc>,
     docker: Option<Spanned<String>>,
@@ -118,6 +128,7 @@ pub struct Globals {
     pub idle_timeout: Option<Duration>,
     pub max_conns: Option<usize>,
     pub drain_timeout: Option<Duration>,
+    pub workers: Option<Workers>,
     pub pool: PoolOverride,
     /// `docker = "SOCKET"`: the socket `docker://` forwards follow.
     pub docker: Option<String>,
@@ -289,6 +300,13 @@ pub fn parse_str(file: &str, text: &str) -> Result<FileConfig, String> {
     }
     if let Some(v) = &doc.drain_timeout {
         g.drain_timeout = Some(at.duration("drain_timeout", v)?);
+    }
+    if let Some(v) = &doc.workers {
+        let text = match v.get_ref() {
+            WorkersDoc::Count(n) => n.to_string(),
+            WorkersDoc::Name(s) => s.clone(),
+        };
+        g.workers = Some(parse::workers(&text).map_err(|e| at.err(&v.span(), "workers", e))?);
     }
     g.pool = at.pool("", doc.balance.as_ref(), doc.health.as_ref())?;
 
@@ -491,5 +509,17 @@ balance = "round-robin"
         assert!(e.starts_with("amb.toml:"), "{e}");
         assert_eq!(e.lines().count(), 1, "{e}");
         eprintln!("{e}");
+    }
+
+    #[test]
+    fn workers_is_a_number_or_auto() {
+        let w = |t: &str| parse_str("amb.toml", t).unwrap().globals.workers;
+        assert_eq!(w("workers = 3\n"), Some(Workers::Count(3)));
+        assert_eq!(w("workers = \"auto\"\n"), Some(Workers::Auto));
+        assert_eq!(w(""), None);
+        let e = err("connect_timeout = \"2s\"\nworkers = 0\n");
+        assert!(e.starts_with("amb.toml:2: workers: "), "{e}");
+        let e = err("workers = \"many\"\n");
+        assert!(e.starts_with("amb.toml:1: workers: "), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 //! name of the variable or flag, so the user sees one line that says both
 //! *where* and *what*.
 
-use super::{Backends, Host, Target};
+use super::{Backends, Host, Target, Workers};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -121,6 +121,23 @@ pub fn listen(listen: &str) -> Result<SocketAddr, String> {
 /// would overflow the clock arithmetic of a timer).
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// `--workers`: `auto` or a count from 1 to [`MAX_WORKERS`].
+pub fn workers(s: &str) -> Result<Workers, String> {
+    if s == "auto" {
+        return Ok(Workers::Auto);
+    }
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither a number nor auto"))?;
+    if n == 0 || n > MAX_WORKERS {
+        return Err(format!("{n} is out of range 1-{MAX_WORKERS}"));
+    }
+    Ok(Workers::Count(n))
+}
+
+/// The most worker threads `--workers` accepts.
+pub const MAX_WORKERS: usize = 1024;
+
 /// A duration: a bare number of seconds (`5`), or anything the `humantime`
 /// crate reads (`250ms`, `5s`, `2m`, `1h`, `1h 30m`). At most
 /// [`MAX_DURATION`]; whether zero is allowed is the caller's decision.
@@ -180,6 +197,15 @@ mod tests {
                 .unwrap_err()
                 .contains("twice")
         );
+    }
+
+    #[test]
+    fn worker_counts() {
+        assert_eq!(workers("auto"), Ok(Workers::Auto));
+        assert_eq!(workers("2"), Ok(Workers::Count(2)));
+        assert!(workers("0").unwrap_err().contains("out of range"));
+        assert!(workers("many").unwrap_err().contains("neither"));
+        assert!(workers("-1").is_err());
     }
 
     #[test]

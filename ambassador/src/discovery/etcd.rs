@@ -1,6 +1,7 @@
 //! The etcd side of discovery: the client, and starting watchers.
 //!
-//! The server runs on one thread with `Rc` state; the etcd client (tonic,
+//! The server's control loop (reload, discovery updates) runs on the first
+//! worker's single-threaded runtime; the etcd client (tonic,
 //! gRPC over HTTP/2) wants a runtime of its own and `Send` futures. So the
 //! watching happens on other threads, and the two sides meet at one
 //! channel: a watcher sends an [`Update`] (a forward's whole new backend

@@ -13,9 +13,10 @@
 //! socket is not open yet (each still needs one). If that fails we do not
 //! accept. This costs two `fcntl(F_DUPFD_CLOEXEC)` and two `close` per
 //! connection, needs no bookkeeping of every descriptor the process opens,
-//! and is exact because the accept loops and the connects all run on one
-//! thread: nothing else can take a descriptor between the check and the
-//! accept.
+//! and is exact because every accept loop runs on one thread (the first
+//! worker; the others only connect and relay, see `server/workers.rs`): a
+//! worker's upstream socket is counted in `pending` until it exists, so
+//! nothing can take the room the check saw before the accept.
 //!
 //! While out of descriptors an accept loop retries after a back-off that
 //! doubles from 10 ms to 1 s. The process logs ONE warning when an episode
@@ -25,10 +26,10 @@
 //! episode, which ends only once [`EPISODE_MARGIN`] descriptors beyond the
 //! next connection's are free again.
 
-use std::cell::Cell;
 use std::fs::File;
 use std::io;
-use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 
 /// First and longest wait before retrying while out of descriptors.
@@ -42,27 +43,27 @@ pub const EPISODE_MARGIN: usize = 16;
 /// process's).
 pub struct FdBudget {
     spare: File,
-    pending: Cell<usize>,
+    pending: AtomicUsize,
     /// An out-of-descriptors episode is going on (its warning was logged).
-    exhausted: Cell<bool>,
+    exhausted: AtomicBool,
     /// This episode's `accepting again` line was logged.
-    resumed: Cell<bool>,
+    resumed: AtomicBool,
 }
 
 impl FdBudget {
-    pub fn new() -> io::Result<Rc<Self>> {
-        Ok(Rc::new(FdBudget {
+    pub fn new() -> io::Result<Arc<Self>> {
+        Ok(Arc::new(FdBudget {
             spare: File::open("/dev/null")?,
-            pending: Cell::new(0),
-            exhausted: Cell::new(false),
-            resumed: Cell::new(false),
+            pending: AtomicUsize::new(0),
+            exhausted: AtomicBool::new(false),
+            resumed: AtomicBool::new(false),
         }))
     }
 
     /// Is there room for one more connection (its client and its upstream
     /// socket, plus the upstream sockets of the clients still connecting)?
     pub fn room_for_one(&self) -> bool {
-        self.room_for(2 + self.pending.get())
+        self.room_for(2 + self.pending.load(SeqCst))
     }
 
     fn room_for(&self, n: usize) -> bool {
@@ -79,8 +80,8 @@ impl FdBudget {
     /// Out of descriptors (the check failed, or accept said EMFILE/ENFILE):
     /// warn if this starts an episode.
     pub fn exhausted(&self, forward: &str, why: &str) {
-        if !self.exhausted.replace(true) {
-            self.resumed.set(false);
+        if !self.exhausted.swap(true, SeqCst) {
+            self.resumed.store(false, SeqCst);
             let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                 .map(|(soft, _)| soft.to_string())
                 .unwrap_or_else(|_| "?".into());
@@ -97,32 +98,32 @@ impl FdBudget {
     /// A connection was accepted: say so once per episode, and end the
     /// episode once there is room to spare again.
     pub fn accepted(&self, forward: &str) {
-        if !self.exhausted.get() {
+        if !self.exhausted.load(SeqCst) {
             return;
         }
-        if !self.resumed.replace(true) {
+        if !self.resumed.swap(true, SeqCst) {
             tracing::info!(forward = %forward, "accepting again");
         }
-        if self.room_for(2 + self.pending.get() + EPISODE_MARGIN) {
-            self.exhausted.set(false);
+        if self.room_for(2 + self.pending.load(SeqCst) + EPISODE_MARGIN) {
+            self.exhausted.store(false, SeqCst);
             tracing::debug!("out-of-descriptors episode over");
         }
     }
 
     /// Count a client whose upstream socket is not open yet, until the
     /// guard is dropped.
-    pub fn pending(self: &Rc<Self>) -> Pending {
-        self.pending.set(self.pending.get() + 1);
+    pub fn pending(self: &Arc<Self>) -> Pending {
+        self.pending.fetch_add(1, SeqCst);
         Pending(self.clone())
     }
 }
 
 /// See [`FdBudget::pending`].
-pub struct Pending(Rc<FdBudget>);
+pub struct Pending(Arc<FdBudget>);
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.0.pending.set(self.0.pending.get() - 1);
+        self.0.pending.fetch_sub(1, SeqCst);
     }
 }
 

@@ -35,6 +35,7 @@
 //!    the sockets from the sockmaps, and we delete their counters.
 
 mod half;
+mod leaving;
 mod spliced;
 mod watcher;
 
@@ -401,6 +402,8 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
         route: Route::spliced(sm.cap),
         leave_after: sm.leave_after,
         activity: super::Activity::new(),
+        stats: &conn.stats,
+        copy: Default::default(),
     };
     let activity = c.activity.clone();
     let aborted = super::Abort::current();

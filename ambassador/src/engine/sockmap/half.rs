@@ -13,8 +13,12 @@
 //!   cap (a bulk stream, which the copy loop moves faster anyway). Both
 //!   sockets have been taken out of `VERDICT`, so no verdict runs any more
 //!   and new bytes wait in the plain TCP receive queues, where TCP flow
-//!   control reaches the senders. Nothing is copied until both destinations
-//!   have taken every redirected byte (invariant 1).
+//!   control reaches the senders. A half is copied in userspace only once
+//!   its destination has taken every byte redirected to it (invariant 1,
+//!   [`Route::may_copy`]); the other half may still be draining, and must
+//!   be able to, since its destination peer may read only while its own
+//!   answers are taken (`leaving.rs`). The sockets leave `PEERS` once both
+//!   halves drained.
 //! - `Left`: both sockets are out of every map, plain TCP sockets again; the
 //!   epoll copy loop carries the connection to its end. Plain reads honour
 //!   TCP sequence offsets.
@@ -311,6 +315,13 @@ impl Route {
         self.path = Path::Leaving;
     }
 
+    /// Invariant 1 while leaving: userspace may copy a half (read its
+    /// source, write its destination) only once the destination took
+    /// every byte redirected to it, so the copied bytes follow them.
+    pub fn may_copy(&self, half: &Observed) -> bool {
+        self.path == Path::Leaving && Half::drained(half)
+    }
+
     /// Both sockets are out of every map.
     pub fn unlinked(&mut self, halves: [&Observed; 2]) {
         assert_eq!(self.path, Path::Leaving);
@@ -337,6 +348,29 @@ mod tests {
             received,
             dst_taken,
         }
+    }
+
+    #[test]
+    fn while_leaving_only_a_drained_half_is_copied() {
+        let mut r = Route::spliced(CAP);
+        let drained = obs(500, 500, 500);
+        let draining = obs(5000, 5000, 1200);
+        // Spliced: userspace copies nothing.
+        assert!(!r.may_copy(&drained));
+        r.left_verdict();
+        assert!(r.may_copy(&drained), "the other half may drain meanwhile");
+        assert!(
+            !r.may_copy(&draining),
+            "copied bytes would overtake redirected ones"
+        );
+        assert_eq!(
+            r.decide([&drained, &draining], [true, true], false),
+            Move::Stay
+        );
+        assert_eq!(
+            r.decide([&drained, &obs(5000, 5000, 5000)], [true, true], false),
+            Move::Unlink
+        );
     }
 
     #[test]

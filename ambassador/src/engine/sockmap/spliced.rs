@@ -10,9 +10,11 @@
 
 use super::Sockmap;
 use super::half::{self, Half, Integrity, Move, Observed, Path, Route};
+use super::leaving;
 use super::watcher::Slot;
 use crate::bpf;
 use crate::engine::Activity;
+use crate::metrics::ForwardStats;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering;
@@ -49,6 +51,10 @@ pub struct Spliced<'a> {
     /// Test hook: leave once this many bytes were redirected in total.
     pub leave_after: Option<u64>,
     pub activity: Activity,
+    /// Where bytes copied in userspace while leaving are counted.
+    pub stats: &'a ForwardStats,
+    /// The halves copied in userspace while the other drains (`leaving.rs`).
+    pub copy: leaving::Copy,
 }
 
 /// How a spliced connection ended.
@@ -148,7 +154,8 @@ impl Spliced<'_> {
                     tracing::debug!(id = self.id, in_flight = ?[o[0].in_flight(), o[1].in_flight()], "connection leaves the kernel");
                     continue;
                 }
-                Move::Unlink => {
+                // Bytes still in a pipe: the copy below writes them first.
+                Move::Unlink if self.copy.held() == 0 => {
                     for (d, od) in o.iter().enumerate() {
                         half::check(od).map_err(|e| End::Integrity(d, e))?;
                     }
@@ -161,7 +168,7 @@ impl Spliced<'_> {
                     self.check_left(&redirected_at_leave, &o)?;
                     return Ok(Outcome::Left);
                 }
-                Move::Stay => {}
+                Move::Unlink | Move::Stay => {}
             }
             match self.route.path() {
                 Path::Spliced => {
@@ -183,6 +190,19 @@ impl Spliced<'_> {
                                     observed: *od,
                                 },
                             ));
+                        }
+                    }
+                    // A half whose destination took every redirected byte
+                    // is copied on while the other drains (`leaving.rs`).
+                    for (d, od) in o.iter().enumerate() {
+                        if self.route.may_copy(od) {
+                            let n = self.copy.pump(d, self.socks[d], self.socks[1 - d])?;
+                            let c = if d == 0 {
+                                &self.stats.bytes_to_upstream
+                            } else {
+                                &self.stats.bytes_to_client
+                            };
+                            ForwardStats::add(c, n);
                         }
                     }
                     busy = true;
@@ -212,7 +232,8 @@ impl Spliced<'_> {
         let received = bpf::bytes_received(self.socks[d])?.saturating_sub(self.base[d].pre_read);
         // Once the FIN is forwarded it sits in dst's send queue too.
         let fin = u64::from(self.halves[d].done());
-        let dst_taken = queued.saturating_sub(self.base[d].dst_queued + fin);
+        // Bytes userspace wrote to dst while leaving were not redirected.
+        let dst_taken = queued.saturating_sub(self.base[d].dst_queued + fin + self.copy.written[d]);
         Ok(Observed {
             redirected: st.redirected_bytes,
             passed: st.passed_bytes,
@@ -247,7 +268,9 @@ impl Spliced<'_> {
             bpf::kick_verdict(s)?;
         }
         for d in 0..2 {
-            let consumed = bpf::consumed(self.socks[d])?.saturating_sub(self.base[d].pre_read);
+            // Read before the insert, redirected, or copied while leaving.
+            let consumed = bpf::consumed(self.socks[d])?
+                .saturating_sub(self.base[d].pre_read + self.copy.read[d]);
             if consumed != redirected[d] {
                 return Err(End::Integrity(
                     d,

@@ -163,11 +163,12 @@ pub fn auto_skips_sockmap(why: &str) -> String {
 }
 
 /// Why `--mode auto` does not pick a sockmap engine that could cut repeated
-/// bytes either, for now: the guest soak found a stall it has not explained.
-pub const AUTO_HOLDS_SOCKMAP: &str = "works here, but not chosen by auto yet: the kernel-matrix \
-     soak stalled one adaptive connection in the userspace copy loop on the 6.12 guest, cause \
-     not yet found (docs/sockmap.md, \"A stall in the adaptive copy loop\"); use --mode sockmap \
-     to opt in";
+/// bytes either, for now: the stall the guest soak found in the leave path
+/// is fixed and made certain by a test, but no long guest soak has run on
+/// the fix yet.
+pub const AUTO_HOLDS_SOCKMAP: &str = "works here, but not chosen by auto yet: the leave-path \
+     stall the 6.12 guest soak found is fixed (docs/sockmap.md, \"A deadlock in the leave path\") \
+     but not yet confirmed by a long guest soak; use --mode sockmap to opt in";
 
 /// The engine for `settings.mode`. `auto` tries sockmap, uring, epoll in that
 /// order and logs why each skipped engine could not start; an explicit mode

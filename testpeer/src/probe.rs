@@ -358,25 +358,15 @@ mod sockmap {
         })
     }
 
-    /// Everything readable on `s` within `ms` of quiet.
+    /// Everything readable on `s` within `ms`.
     fn drain(s: &mut TcpStream, ms: u64) -> usize {
-        s.set_read_timeout(Some(Duration::from_millis(ms))).ok();
-        let mut buf = [0u8; 65536];
-        let mut n = 0;
-        for _ in 0..100_000 {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-        }
-        n
+        let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+        read_until(s, usize::MAX, deadline)
     }
 
-    /// Read from `s` until `want` bytes came or 5 s passed, and return how many came. For the
-    /// checks that expect bytes: the kernel's psock worker forwards them, and on a loaded machine
-    /// it may run later than any fixed window (`drain` is for checks that expect none).
-    fn drain_until(s: &mut TcpStream, want: usize) -> usize {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    /// Read from `s` until `want` bytes came, EOF, an error, or `deadline`. A read interrupted
+    /// by a signal or woken without data is retried: only the deadline ends the wait.
+    fn read_until(s: &mut TcpStream, want: usize, deadline: std::time::Instant) -> usize {
         let mut buf = [0u8; 65536];
         let mut n = 0;
         while n < want {
@@ -386,11 +376,26 @@ mod sockmap {
             }
             s.set_read_timeout(Some(left)).ok();
             match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
                 Ok(k) => n += k,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
             }
         }
         n
+    }
+
+    /// Read from `s` until `want` bytes came or 5 s passed, and return how many came. For the
+    /// checks that expect bytes: the kernel's psock worker forwards them, and on a loaded machine
+    /// it may run later than any fixed window (`drain` is for checks that expect none).
+    fn drain_until(s: &mut TcpStream, want: usize) -> usize {
+        read_until(s, want, std::time::Instant::now() + Duration::from_secs(5))
     }
 
     /// client C → A (accepted by us) ⇄ B (ours) → S (upstream), like the proxy's two sockets.

@@ -41,7 +41,7 @@ fn perfmon_capable() -> bool {
 
 /// Oldest kernel with verdict-only sk_skb mode (no stream parser). Whether a
 /// kernel also carries the fixes we rely on (the 6.4-rc4 sockmap series for
-/// bytes queued before insertion and FIN handling; sockmap.md §6) is not
+/// bytes queued before insertion and FIN handling; `docs/kernels.md`) is not
 /// read from the version, since distributions backport them (Debian 12's
 /// 6.1.192 has them): [`Splicer::self_test`] checks the behaviour itself.
 pub const MIN_KERNEL: (u32, u32) = (5, 10);

@@ -10,7 +10,8 @@
 //!   the checks through it (bulk, speak-first both ways, half-close, connect storm, exit 0 on
 //!   SIGTERM) and prints `KM ...` marker lines that `cargo xtask kernel-matrix` parses.
 //! - `probe`: what the kernel offers (io_uring_setup, SOCKHASH, sk_skb load/attach/link), and the
-//!   sockmap lifecycle fixes (`../shared/notes/sockmap.md` §2, §6) observed directly with raw
+//!   sockmap lifecycle fixes (listed in `docs/kernels.md`, "probe"; the facts behind them in
+//!   `docs/sockmap.md`, "Kernel facts the engine relies on") observed directly with raw
 //!   `bpf()` calls, independent of the ambassador's sockmap engine.
 //! - Single peers for poking by hand: `echo`, `speak-first-server`, `bulk`, `speak-first-client`,
 //!   `half-close`, and `wrap` (run a command as uid 65534 without capabilities and/or with

@@ -72,9 +72,10 @@ pub(crate) fn probe() {
     sockmap::run();
 }
 
-/// Raw `bpf()` sockmap probe: the two-SOCKHASH verdict-only design of `sockmap.md`, checked
-/// piece by piece on the running kernel. A port of `sockmap-experiments/probe.c`, cut down to what
-/// decides whether the engine can work (and sized for TCG).
+/// Raw `bpf()` sockmap probe: the two-SOCKHASH verdict-only design of `docs/sockmap.md`, checked
+/// piece by piece on the running kernel. A port of the C probe the facts were first verified
+/// with (kept outside the repository), cut down to what decides whether the engine can work (and
+/// sized for TCG).
 mod sockmap {
     use super::*;
 
@@ -235,7 +236,8 @@ mod sockmap {
         Ok(r as i32)
     }
 
-    /// PEERS (no program) + VERDICT (program attached) + stats, as in design rule 2.
+    /// PEERS (no program) + VERDICT (program attached) + stats, as in kernel fact 2 of
+    /// `docs/sockmap.md`.
     struct Maps {
         stats: i32,
         peers: i32,
@@ -649,7 +651,8 @@ mod sockmap {
 
     /// Bytes redirected with BPF_F_INGRESS from A into B's receive queue must show in FIONREAD(B)
     /// ("bpf, sockmap: Fix FIONREAD for sockmap", Jiayuan Chen, merged Jan 2026, stable 6.6.128+).
-    /// Our engine never redirects to ingress (rule 3); this only tells the kernels apart.
+    /// Our engine never redirects to ingress (kernel fact 3 of `docs/sockmap.md`); this only tells
+    /// the kernels apart.
     fn ingress_fionread(m: &Maps, l: &TcpListener, u: &TcpListener) -> Res<String> {
         let mut x = conn(l, u)?;
         splice_in(m, &x)?;
@@ -669,7 +672,7 @@ mod sockmap {
     }
 
     /// 4 MiB C→S, client FIN; wait until B accepted every redirected byte, then shutdown(B):
-    /// S must get all 4 MiB then EOF (design rule 9).
+    /// S must get all 4 MiB then EOF (kernel fact 9 of `docs/sockmap.md`).
     fn halfclose_drain(m: &Maps, l: &TcpListener, u: &TcpListener) -> Res<String> {
         let x = conn(l, u)?;
         splice_in(m, &x)?;

@@ -198,17 +198,13 @@ fn build_static(root: &Path, ambassador: Option<&Path>) -> Result<initramfs::Bin
 
 /// Does this ELF have a PT_INTERP program header (i.e. needs a dynamic loader)?
 fn is_dynamic(p: &Path) -> Result<bool> {
+    use object::read::elf::{FileHeader, ProgramHeader};
     let b = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
-        bail!("{} is not a 64-bit ELF", p.display());
-    }
-    let u16at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
-    let (phentsize, phnum) = (u16at(54), u16at(56));
-    Ok((0..phnum).any(|i| {
-        let o = phoff + i * phentsize;
-        o + 4 <= b.len() && u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) == 3
-    }))
+    let not_elf = || format!("{} is not a 64-bit ELF", p.display());
+    let h = object::elf::FileHeader64::<object::Endianness>::parse(&*b).with_context(not_elf)?;
+    let e = h.endian().with_context(not_elf)?;
+    let phs = h.program_headers(e, &*b).with_context(not_elf)?;
+    Ok(phs.iter().any(|ph| ph.p_type(e) == object::elf::PT_INTERP))
 }
 
 /// The default run fits in `GUEST_DEADLINE`; a soak (`--bulk-rounds`, bigger `--bytes`) adds
@@ -476,3 +472,26 @@ const MINIMUMS: &str = "
 | `uring` | 5.10 | tokio-uring's documented minimum. `io_uring_setup` must also be allowed: not `kernel.io_uring_disabled=2` (or `=1` outside `io_uring_group`; the sysctl exists from 6.6) and not refused by seccomp (Docker's default profile refuses it since 25.0) |
 | `sockmap` | 6.4, or a stable kernel with the 6.4-rc4 sockmap series backported | verdict-only sk_skb needs 5.10; bytes queued before the insert and FIN handling need the 6.4-rc4 fixes. The binary does not trust the version: at start-up it splices a throw-away loopback pair (a byte queued before the insert, then a FIN) and skips sockmap with the failed step as its reason. @SOCKMAP_NOTE@ Needs CAP_BPF + CAP_NET_ADMIN (or CAP_SYS_ADMIN) |
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::is_dynamic;
+    use std::path::Path;
+
+    #[test]
+    fn tells_a_dynamic_binary_from_a_static_one() {
+        // Any glibc system has a dynamic `ls` and a static(-pie) `ldconfig`.
+        assert!(is_dynamic(Path::new("/bin/ls")).unwrap());
+        assert!(!is_dynamic(Path::new("/sbin/ldconfig")).unwrap());
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_elf() {
+        let e = is_dynamic(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/Cargo.toml"
+        )))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("is not a 64-bit ELF"), "{e:#}");
+    }
+}

@@ -28,12 +28,11 @@ mod report;
 mod results;
 mod servers;
 mod sys;
+mod syscalls;
 mod workloads;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-mod syscalls;
-
 use peers::{Fwd, Kind, Running};
 use results::{PassResult, RowResult, Stat};
 use std::collections::BTreeMap;
@@ -72,7 +71,8 @@ struct Opts {
     /// rounds (default 1,000 quick, 2,000 full, 100 smoke; 0 = no syscall step).
     #[arg(long)]
     syscall_conns: Option<usize>,
-    /// Only these rows (names as in the table, e.g. direct,haproxy,epoll).
+    /// Only these rows (names as in the table, e.g. direct,haproxy,epoll; an engine or peer
+    /// word picks its two-cpu rows too: "epoll" = both `--workers` rows).
     #[arg(long, value_delimiter = ',')]
     rows: Vec<String>,
     /// Where results go.

@@ -625,11 +625,13 @@ fn run_pass(plan: &Plan) -> Result<PassResult> {
                 }
             }
         }
-        eprintln!(
-            "   {pass} round {}: idle in {:.1} s",
-            round + 1,
-            t_idle.elapsed().as_secs_f64()
-        );
+        if idle > 0 {
+            eprintln!(
+                "   {pass} round {}: idle in {:.1} s",
+                round + 1,
+                t_idle.elapsed().as_secs_f64()
+            );
+        }
         // What each ambassador says it did (its `stats` lines on SIGUSR1):
         // how much the kernel spliced, how many connections fell back.
         for (i, row) in running.iter().enumerate() {

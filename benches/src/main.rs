@@ -7,13 +7,20 @@
 //! - `servers.rs`   — the backends: sockperf, iperf3, nginx (HTTP), idle server.
 //! - `peers.rs` + `peers/` — the rows: one module per proxy.
 //! - `workloads.rs` — one function per figure (sockperf, iperf3, wrk, idle).
+//! - `syscalls.rs`  — syscalls per connection (strace -c on a fixed number of connections).
 //! - `results.rs`   — the JSON model; `report.rs` — markdown; `plot.rs` — PNGs.
+//!
+//! Passes ([`PassSpec`]): *same-core* (everything on CPU 0), *cross-core*
+//! (proxy on CPU 1), *two-cpu* (proxy, clients and servers on CPUs 0-1;
+//! HAProxy `nbthread 2`, nginx `worker_processes 2`, each engine that has
+//! workers with `--workers 1` and `--workers 2`).
 //!
 //! Method: the servers are started once per pass; every round starts every row
 //! (each its own listen ports) and then, figure by figure, runs the rows in
 //! turn (the order rotates each round), so slow drift of a shared machine hits
-//! all rows alike. All traffic is loopback; every tool runs for a fixed time
-//! under a hard limit.
+//! all rows alike. After the timed rounds, each row is started once more and
+//! traced (`syscalls.rs`): strace slows a proxy, so it never runs while timing.
+//! All traffic is loopback; every tool runs for a fixed time under a hard limit.
 
 mod peers;
 mod plot;
@@ -21,6 +28,7 @@ mod report;
 mod results;
 mod servers;
 mod sys;
+mod syscalls;
 mod workloads;
 
 use anyhow::{Context, Result};
@@ -37,8 +45,9 @@ struct Opts {
     /// Thorough run: 3 rounds, 3 s per figure, 10,000 idle connections.
     #[arg(long)]
     full: bool,
-    /// CI smoke: same-core pass only, 1 round, 1 s per figure, 500 idle connections,
-    /// written to --out (a scratch dir); proves the harness, asserts no timing.
+    /// CI smoke: 1 round, 1 s per figure, into --out (a scratch dir): the same-core pass
+    /// (500 idle connections, syscalls over 100 connections) and the two-cpu pass's
+    /// throughput and connection rate only; proves the harness, asserts no timing.
     #[arg(long)]
     smoke: bool,
     /// Rounds (default 1 quick, 3 full).
@@ -51,10 +60,19 @@ struct Opts {
     /// what RLIMIT_NOFILE allows a proxy: 2 fds per connection).
     #[arg(long)]
     idle: Option<usize>,
-    /// Passes to run.
-    #[arg(long, value_delimiter = ',', default_value = "same-core,cross-core")]
+    /// Passes to run (same-core, cross-core, two-cpu).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "same-core,cross-core,two-cpu"
+    )]
     passes: Vec<String>,
-    /// Only these rows (names as in the table, e.g. direct,haproxy,epoll).
+    /// Connections each row's syscalls are counted over, under strace after the timed
+    /// rounds (default 1,000 quick, 2,000 full, 100 smoke; 0 = no syscall step).
+    #[arg(long)]
+    syscall_conns: Option<usize>,
+    /// Only these rows (names as in the table, e.g. direct,haproxy,epoll; an engine or peer
+    /// word picks its two-cpu rows too: "epoll" = both `--workers` rows).
     #[arg(long, value_delimiter = ',')]
     rows: Vec<String>,
     /// Where results go.
@@ -110,19 +128,17 @@ fn main() -> Result<()> {
         .or_else(|| std::env::var_os("AMBASSADOR_BIN").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("target/release/ambassador"));
     let passes: Vec<String> = if o.smoke {
-        vec!["same-core".into()]
+        vec!["same-core".into(), "two-cpu".into()]
     } else {
         o.passes.clone()
     };
-    let kinds: Vec<Kind> = Kind::all()
-        .into_iter()
-        .filter(|k| {
-            o.rows.is_empty()
-                || o.rows
-                    .iter()
-                    .any(|r| k.name() == *r || k.name() == format!("ambassador {r}"))
-        })
-        .collect();
+    let syscall_conns = o.syscall_conns.unwrap_or(if o.smoke {
+        100
+    } else if o.full {
+        2000
+    } else {
+        1000
+    });
     std::fs::create_dir_all(&o.out)?;
     plot::init_font()?;
     let date = sh("date", &["-u", "+%F"]);
@@ -130,27 +146,61 @@ fn main() -> Result<()> {
     let mut written = Vec::new();
     let mut missing = Vec::new();
     for pass in &passes {
-        let proxy_cpu = match pass.as_str() {
-            "same-core" => 0,
-            "cross-core" => 1,
-            p => anyhow::bail!("unknown pass {p} (same-core, cross-core)"),
+        let spec = PassSpec::of(pass)?;
+        let base = if spec.two_cpu {
+            Kind::two_cpu()
+        } else {
+            Kind::all()
         };
+        let kinds: Vec<Kind> = base
+            .into_iter()
+            .filter(|k| o.rows.is_empty() || o.rows.iter().any(|r| k.picked_by(r)))
+            .collect();
+        if kinds.is_empty() {
+            eprintln!("== {pass}: no row of this pass is in --rows; pass skipped");
+            continue;
+        }
+        let mut skipped = Vec::new();
+        // The smoke keeps CI fast: the two-CPU pass runs only the figures it is
+        // about (8-stream throughput, connection rate), and the syscall step
+        // runs in the same-core pass only.
+        let groups: Vec<String> = if o.smoke && spec.two_cpu {
+            skipped.push("latency figures: skipped in smoke mode".to_string());
+            vec!["tput".into(), "conn".into()]
+        } else {
+            o.figures.clone()
+        };
+        let syscalls_here = if o.smoke && spec.two_cpu {
+            skipped.push(
+                "syscalls per connection: skipped in smoke mode (the same-core pass counts them)"
+                    .to_string(),
+            );
+            0
+        } else {
+            syscall_conns
+        };
+        if syscalls_here == 0 && !(o.smoke && spec.two_cpu) {
+            skipped.push("syscalls per connection: --syscall-conns 0".to_string());
+        }
         // Memory does not depend on where the proxy runs: the idle figures are
         // measured in the same-core pass only (they take a minute per round).
-        let idle_here = if pass == "same-core" && o.figures.iter().any(|f| f == "idle") {
+        let idle_here = if pass == "same-core" && groups.iter().any(|f| f == "idle") {
             idle
         } else {
             0
         };
         let plan = Plan {
+            spec: &spec,
             kinds: &kinds,
             rounds,
             secs,
             idle: idle_here,
             bin: &bin,
-            groups: &o.figures,
+            groups: &groups,
+            syscall_conns: syscalls_here,
         };
-        let mut res = run_pass(pass, proxy_cpu, &plan)?;
+        let mut res = run_pass(&plan)?;
+        res.skipped = skipped;
         res.mode = mode.into();
         res.date = date.clone();
         let stem = format!("{date}-{pass}");
@@ -169,6 +219,9 @@ fn main() -> Result<()> {
             plots.len()
         );
         println!("{}", report::table(&res));
+        for sk in &res.skipped {
+            eprintln!("== {pass}: {sk}");
+        }
         missing.extend(check(&res));
         written.push((res, stem, plots));
     }
@@ -226,9 +279,15 @@ fn check(p: &PassResult) -> Vec<String> {
             continue;
         }
         for f in results::FIGURES {
+            let group = results::group_of(f.key);
             let na = (r.name == "direct"
-                && (f.key == "rss_mib" || f.key == "idle_proxy_kib_per_conn"))
-                || (p.idle_conns_target == 0 && f.key.starts_with("idle_"));
+                && matches!(
+                    f.key,
+                    "rss_mib" | "idle_proxy_kib_per_conn" | "syscalls_per_conn"
+                ))
+                || (p.idle_conns_target == 0 && group == "idle")
+                || (p.syscall_conns == 0 && group == "syscalls")
+                || !(p.ran(group) || matches!(group, "idle" | "syscalls" | "always"));
             if !na && !r.figures.contains_key(f.key) && !r.figure_errors.contains_key(f.key) {
                 v.push(format!("{} / {} / {}", p.pass, r.name, f.key));
             }
@@ -274,8 +333,38 @@ impl Work {
     }
 }
 
+/// Where a pass puts the proxy and the load (taskset CPU lists).
+struct PassSpec {
+    name: &'static str,
+    proxy: &'static str,
+    client: &'static str,
+    /// The two-CPU pass: its own rows, two-thread wrk, a two-worker backend.
+    two_cpu: bool,
+}
+
+impl PassSpec {
+    fn of(name: &str) -> Result<PassSpec> {
+        let (name, proxy, client, two_cpu) = match name {
+            "same-core" => ("same-core", "0", "0", false),
+            "cross-core" => ("cross-core", "1", "0", false),
+            // On a 2-vCPU machine the load tools and servers share the proxy's
+            // two CPUs: the pass compares proxies with each other on equal
+            // terms, not against an unloaded ceiling.
+            "two-cpu" => ("two-cpu", "0,1", "0,1", true),
+            p => anyhow::bail!("--passes: unknown pass {p} (same-core, cross-core, two-cpu)"),
+        };
+        Ok(PassSpec {
+            name,
+            proxy,
+            client,
+            two_cpu,
+        })
+    }
+}
+
 /// What a pass runs.
 struct Plan<'a> {
+    spec: &'a PassSpec,
     kinds: &'a [Kind],
     rounds: u32,
     secs: u32,
@@ -284,18 +373,26 @@ struct Plan<'a> {
     bin: &'a Path,
     /// Figure groups to run (lat, tput, conn).
     groups: &'a [String],
+    /// Connections for the syscall step; 0 = none.
+    syscall_conns: usize,
 }
 
-fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
+fn run_pass(plan: &Plan) -> Result<PassResult> {
     let Plan {
+        spec,
         kinds,
         rounds,
         secs,
         idle,
         bin,
         groups,
+        syscall_conns,
     } = *plan;
-    const CLIENT_CPU: u32 = 0;
+    let pass = spec.name;
+    let proxy_cpu = spec.proxy;
+    let client = spec.client;
+    // wrk's one thread would be the bottleneck before two proxy workers are.
+    let wrk_threads = if spec.two_cpu { 2 } else { 1 };
     let (kernel, cpu_model, cpus) = sys::machine();
     let dir = std::env::temp_dir().join(format!("ambassador-bench-{}-{pass}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -308,8 +405,12 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
         kernel,
         cpu_model,
         cpus,
-        proxy_cpu,
-        client_server_cpu: CLIENT_CPU,
+        proxy_cpu: first_cpu(spec.proxy),
+        client_server_cpu: first_cpu(spec.client),
+        proxy_cpus: spec.proxy.into(),
+        client_cpus: spec.client.into(),
+        groups: groups.to_vec(),
+        syscall_conns,
         ambassador_bin: bin.display().to_string(),
         versions: versions(bin),
         rows: kinds
@@ -321,8 +422,8 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
             .collect(),
         ..Default::default()
     };
-    let mut servers =
-        servers::Servers::start(CLIENT_CPU, &dir).context("starting the backend servers")?;
+    let mut servers = servers::Servers::start(client, wrk_threads, &dir)
+        .context("starting the backend servers")?;
     let ports = servers.ports();
     for round in 0..rounds {
         let t_round = Instant::now();
@@ -352,6 +453,7 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
             match peers::start(k, proxy_cpu, &fwds, &dir, bin) {
                 Ok(r) => {
                     res.rows[i].engine = r.note.clone();
+                    res.rows[i].workers = r.workers;
                     res.rows[i].error = None;
                     ROW_PORTS.with(|m| {
                         m.borrow_mut()
@@ -398,7 +500,7 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
                         } else {
                             (16384, "lat16k")
                         };
-                        match workloads::latency(CLIENT_CPU, lport(i, 0), msg, secs) {
+                        match workloads::latency(client, lport(i, 0), msg, secs) {
                             Ok((a, b, c)) => {
                                 push(r, &format!("{pfx}_p50_us"), a);
                                 push(r, &format!("{pfx}_p99_us"), b);
@@ -419,7 +521,7 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
                             "tput8_gbps"
                         };
                         match workloads::throughput(
-                            CLIENT_CPU,
+                            client,
                             lport(i, 1),
                             streams,
                             secs,
@@ -449,13 +551,15 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
                         // iperf3's server needs a moment between tests.
                         std::thread::sleep(Duration::from_millis(100));
                     }
-                    Work::Conn => match workloads::conn_rate(CLIENT_CPU, lport(i, 2), secs) {
-                        Ok((cps, errs)) => {
-                            push(r, "conn_per_s", cps);
-                            r.conn_errors += errs;
+                    Work::Conn => {
+                        match workloads::conn_rate(client, lport(i, 2), secs, wrk_threads) {
+                            Ok((cps, errs)) => {
+                                push(r, "conn_per_s", cps);
+                                r.conn_errors += errs;
+                            }
+                            Err(e) => fail(r, "conn_per_s", &e),
                         }
-                        Err(e) => fail(r, "conn_per_s", &e),
-                    },
+                    }
                 }
             }
             eprintln!(
@@ -521,11 +625,13 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
                 }
             }
         }
-        eprintln!(
-            "   {pass} round {}: idle in {:.1} s",
-            round + 1,
-            t_idle.elapsed().as_secs_f64()
-        );
+        if idle > 0 {
+            eprintln!(
+                "   {pass} round {}: idle in {:.1} s",
+                round + 1,
+                t_idle.elapsed().as_secs_f64()
+            );
+        }
         // What each ambassador says it did (its `stats` lines on SIGUSR1):
         // how much the kernel spliced, how many connections fell back.
         for (i, row) in running.iter().enumerate() {
@@ -546,6 +652,9 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
             t_round.elapsed().as_secs_f64()
         );
     }
+    if syscall_conns > 0 {
+        syscall_step(&mut res, plan, &ports, &dir)?;
+    }
     for r in &mut res.rows {
         r.figures = r
             .raw
@@ -559,6 +668,52 @@ fn run_pass(pass: &str, proxy_cpu: u32, plan: &Plan) -> Result<PassResult> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(res)
+}
+
+/// Start each row once more, count its syscalls over `syscall_conns`
+/// connections under strace (`syscalls.rs`), stop it.
+fn syscall_step(res: &mut PassResult, plan: &Plan, ports: &[u16; 4], dir: &Path) -> Result<()> {
+    let t0 = Instant::now();
+    for (i, k) in plan.kinds.iter().enumerate() {
+        if *k == Kind::Direct || res.rows[i].error.is_some() {
+            continue;
+        }
+        let fwds: Vec<Fwd> = ports
+            .iter()
+            .map(|&p| {
+                Ok(Fwd {
+                    listen: sys::free_port()?,
+                    target: p,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let got = peers::start(k, plan.spec.proxy, &fwds, dir, plan.bin)
+            .and_then(|row| syscalls::measure(&row, fwds[2].listen, plan.syscall_conns, dir));
+        let r = &mut res.rows[i];
+        match got {
+            Ok(c) => {
+                eprintln!("   syscalls {}: {:.1} per connection", k.name(), c.per_conn);
+                push(r, "syscalls_per_conn", c.per_conn);
+                r.syscall_top = c.top;
+            }
+            Err(e) => fail(r, "syscalls_per_conn", &e),
+        }
+    }
+    eprintln!(
+        "   {} syscalls ({} connections per row, under strace) in {:.1} s",
+        plan.spec.name,
+        plan.syscall_conns,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The first CPU of a taskset list ("0,1" -> 0), for the older single-CPU fields.
+fn first_cpu(list: &str) -> u32 {
+    list.split([',', '-'])
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 thread_local! {
@@ -661,6 +816,13 @@ fn update_docs(
         sec += &report::table(res);
         sec += "\nRatios to direct / to HAProxy:\n\n";
         sec += &report::ratios(res);
+        if res.pass == "two-cpu" {
+            sec += "\n1 → 2 workers:\n\n";
+            sec += &report::scaling(res);
+        }
+        for sk in &res.skipped {
+            sec += &format!("\nNot run: {sk}.\n");
+        }
         sec += "\nGoals:\n\n";
         sec += &report::goals_table(res);
         sec += "\n";

@@ -1,5 +1,7 @@
 //! The markdown report of a pass: the table of medians, ratios to direct and to
-//! HAProxy, the spread, and the goals with a plain verdict for each.
+//! HAProxy (the pass's own: `nbthread 2` in the two-CPU pass), the 1 → 2
+//! worker ratios of the two-CPU pass, the spread, the syscalls each row makes
+//! per connection, and the goals with a plain verdict for each.
 
 use crate::results::{FIGURES, PassResult, RowResult, figure};
 use std::fmt::Write;
@@ -11,6 +13,8 @@ fn fmt(key: &str, v: f64) -> String {
         format!("{v:.2}")
     } else if key == "conn_per_s" {
         format!("{v:.0}")
+    } else if key == "syscalls_per_conn" {
+        format!("{v:.1}")
     } else if key.contains("cpu") {
         format!("{v:.3}")
     } else {
@@ -50,12 +54,7 @@ pub fn table(p: &PassResult) -> String {
     }
     s.push('\n');
     for r in &p.rows {
-        let name =
-            if r.engine.is_empty() || r.name.split_whitespace().nth(1) == Some(r.engine.as_str()) {
-                r.name.clone()
-            } else {
-                format!("{} (→ {})", r.name, r.engine)
-            };
+        let name = display_name(r);
         if let Some(e) = &r.error {
             let _ = writeln!(
                 s,
@@ -80,6 +79,29 @@ pub fn table(p: &PassResult) -> String {
     s
 }
 
+/// A row's name as the tables show it: what `auto` chose, and the workers
+/// that run when they are not the ones asked for (sockmap runs one).
+fn display_name(r: &RowResult) -> String {
+    let mut name =
+        if r.engine.is_empty() || r.name.split_whitespace().nth(1) == Some(r.engine.as_str()) {
+            r.name.clone()
+        } else {
+            format!("{} (→ {})", r.name, r.engine)
+        };
+    if let Some(asked) = r.name.split("--workers ").nth(1)
+        && r.workers > 0
+        && asked.split_whitespace().next() != Some(r.workers.to_string().as_str())
+    {
+        let _ = write!(
+            name,
+            " (runs {} worker{})",
+            r.workers,
+            if r.workers == 1 { "" } else { "s" }
+        );
+    }
+    name
+}
+
 const RATIO_KEYS: &[&str] = &[
     "lat64_p50_us",
     "lat64_p99_us",
@@ -87,6 +109,7 @@ const RATIO_KEYS: &[&str] = &[
     "tput1_gbps",
     "tput8_gbps",
     "conn_per_s",
+    "syscalls_per_conn",
     "cpu_sys_s_per_gib",
 ];
 
@@ -100,7 +123,7 @@ pub fn ratios(p: &PassResult) -> String {
     s.push_str(&"---:|".repeat(RATIO_KEYS.len() + 1));
     s.push('\n');
     let d = p.row("direct");
-    let h = p.row("haproxy");
+    let h = p.haproxy();
     for r in p.rows.iter().filter(|r| r.error.is_none()) {
         let _ = write!(s, "| {} |", r.name);
         for k in RATIO_KEYS {
@@ -180,10 +203,141 @@ fn short(r: &RowResult) -> String {
         .replace(" --splice always", " (splice always)")
 }
 
+/// One engine's 1-worker and 2-worker rows of the two-CPU pass.
+struct Pair<'a> {
+    engine: &'a str,
+    one: &'a RowResult,
+    two: &'a RowResult,
+}
+
+fn pairs(p: &PassResult) -> Vec<Pair<'_>> {
+    let mut v = Vec::new();
+    for one in &p.rows {
+        let Some(engine) = one
+            .name
+            .strip_prefix("ambassador ")
+            .and_then(|n| n.strip_suffix(" --workers 1"))
+        else {
+            continue;
+        };
+        if let Some(two) = p.row(&format!("ambassador {engine} --workers 2"))
+            && one.error.is_none()
+            && two.error.is_none()
+        {
+            v.push(Pair { engine, one, two });
+        }
+    }
+    v
+}
+
+const SCALING_KEYS: &[&str] = &["conn_per_s", "tput8_gbps", "tput1_gbps"];
+
+/// The two-CPU pass's scaling table: per engine with workers, 1 worker, 2
+/// workers, 2 ÷ 1, and 2 workers ÷ HAProxy nbthread 2 and ÷ nginx 2 workers.
+pub fn scaling(p: &PassResult) -> String {
+    let mut s = String::from("| engine |");
+    for k in SCALING_KEYS {
+        let l = figure(k).label;
+        let _ = write!(
+            s,
+            " {l} 1 worker | 2 workers | 2 ÷ 1 | 2 ÷ HAProxy nbthread 2 | 2 ÷ nginx 2 workers |"
+        );
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(5 * SCALING_KEYS.len()));
+    s.push('\n');
+    let h = p.haproxy();
+    let n = p.rows.iter().find(|r| r.name.starts_with("nginx"));
+    let q = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    };
+    for pr in pairs(p) {
+        let _ = write!(s, "| {} |", pr.engine);
+        for k in SCALING_KEYS {
+            let (a, b) = (pr.one.median(k), pr.two.median(k));
+            let f = |v: Option<f64>| v.map(|v| fmt(k, v)).unwrap_or("–".into());
+            let _ = write!(
+                s,
+                " {} | {} | {} | {} | {} |",
+                f(a),
+                f(b),
+                q(b, a),
+                q(b, h.and_then(|h| h.median(k))),
+                q(b, n.and_then(|n| n.median(k)))
+            );
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The multi-core goals of issue 11, for the two-CPU pass: for each engine
+/// with workers, conn/s and 8-stream throughput with 2 workers ≥ 1.8× its
+/// 1-worker figure, and ≥ HAProxy `nbthread 2` and nginx `worker_processes 2`.
+fn goals_two_cpu(p: &PassResult) -> Vec<Goal> {
+    let mut g = Vec::new();
+    let h = p.haproxy();
+    let n = p.rows.iter().find(|r| r.name.starts_with("nginx"));
+    let ps = pairs(p);
+    for k in ["conn_per_s", "tput8_gbps"] {
+        let l = figure(k).label;
+        let goal = format!("every engine with workers: {l} with 2 workers ≥ 1.8× 1 worker");
+        let mut parts = Vec::new();
+        let mut ok = true;
+        for pr in &ps {
+            if let (Some(a), Some(b)) = (pr.one.median(k), pr.two.median(k)) {
+                ok &= b >= 1.8 * a;
+                parts.push(format!("{} {:.2}×", pr.engine, b / a));
+            }
+        }
+        g.push(Goal {
+            met: (!parts.is_empty()).then_some(ok),
+            measured: if parts.is_empty() {
+                "no engine pair ran".into()
+            } else {
+                parts.join("; ")
+            },
+            goal,
+        });
+        let goal = format!(
+            "every engine with workers: {l} with 2 workers ≥ HAProxy nbthread 2 and nginx 2 workers"
+        );
+        let (hv, nv) = (h.and_then(|r| r.median(k)), n.and_then(|r| r.median(k)));
+        let mut parts = Vec::new();
+        let mut ok = true;
+        for pr in &ps {
+            if let (Some(b), Some(hv), Some(nv)) = (pr.two.median(k), hv, nv) {
+                ok &= b >= hv && b >= nv;
+                parts.push(format!(
+                    "{} {} vs {} / {}",
+                    pr.engine,
+                    fmt(k, b),
+                    fmt(k, hv),
+                    fmt(k, nv)
+                ));
+            }
+        }
+        g.push(Goal {
+            met: (!parts.is_empty()).then_some(ok),
+            measured: if parts.is_empty() {
+                "no engine pair, HAProxy or nginx figure".into()
+            } else {
+                parts.join("; ")
+            },
+            goal,
+        });
+    }
+    g
+}
+
 pub fn goals(p: &PassResult) -> Vec<Goal> {
+    if p.pass == "two-cpu" {
+        return goals_two_cpu(p);
+    }
     let mut g = Vec::new();
     let d = |k: &str| p.row("direct").and_then(|r| r.median(k));
-    let h = |k: &str| p.row("haproxy").and_then(|r| r.median(k));
+    let h = |k: &str| p.haproxy().and_then(|r| r.median(k));
     let na = |goal: String| Goal {
         goal,
         measured: "no engine ran, or its baseline is missing".into(),
@@ -220,7 +374,7 @@ pub fn goals(p: &PassResult) -> Vec<Goal> {
     }
     {
         let goal = "best engine system CPU s/GiB over direct ≤ 0.7× HAProxy's".to_string();
-        let hv = p.row("haproxy").and_then(|hr| sys_over_direct(p, hr));
+        let hv = p.haproxy().and_then(|hr| sys_over_direct(p, hr));
         let b = engines(p)
             .into_iter()
             .filter_map(|r| Some((r, sys_over_direct(p, r)?)))
@@ -409,6 +563,19 @@ pub fn notes(p: &PassResult) -> String {
                 r.name
             );
         }
+        if !r.syscall_top.is_empty() {
+            let top: Vec<String> = r
+                .syscall_top
+                .iter()
+                .map(|(n, c)| format!("{c:.1} {n}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "- {}: syscalls per connection, largest first: {}.",
+                r.name,
+                top.join(", ")
+            );
+        }
         if r.conn_errors > 0 {
             let _ = writeln!(
                 s,
@@ -426,9 +593,40 @@ pub fn markdown(p: &PassResult, plots: &[String]) -> String {
     let _ = writeln!(
         s,
         "Mode `{}`: {} round(s), {} s per figure, rows alternating figure by figure within each round; \
-         medians over rounds. Proxy on CPU {}, client and servers on CPU {}. Started {}.\n",
-        p.mode, p.rounds, p.seconds_per_figure, p.proxy_cpu, p.client_server_cpu, p.started_utc
+         medians over rounds. Proxy on CPU(s) {}, client and servers on CPU(s) {}. Started {}.\n",
+        p.mode,
+        p.rounds,
+        p.seconds_per_figure,
+        cpus(&p.proxy_cpus, p.proxy_cpu),
+        cpus(&p.client_cpus, p.client_server_cpu),
+        p.started_utc
     );
+    for sk in &p.skipped {
+        let _ = writeln!(s, "- Not run: {sk}.");
+    }
+    if !p.skipped.is_empty() {
+        s.push('\n');
+    }
+    if p.pass == "two-cpu" {
+        s.push_str(
+            "Two-CPU pass: HAProxy `nbthread 2`, nginx `worker_processes 2`, each engine that runs \
+             workers with `--workers 1` and `--workers 2` (sockmap is asked for 2 and runs 1: its \
+             state is single-threaded), the backend nginx with 2 workers and wrk with 2 threads; \
+             proxy, clients and servers share the two CPUs. Ratios are to HAProxy `nbthread 2`.\n\n",
+        );
+    }
+    if p.syscall_conns > 0 {
+        let _ = writeln!(
+            s,
+            "Syscalls per connection: after the timed rounds each row is started once more and \
+             `strace -c -f` is attached to all its processes while {} HTTP/1.1 `Connection: close` \
+             requests (each a new connection, 4 client threads) go through it; strace's total over \
+             that window ÷ {}. Never measured while timing (strace slows the proxy). For the uring \
+             engine only `io_uring_enter` is a syscall: what it submits through the ring is not \
+             counted.\n",
+            p.syscall_conns, p.syscall_conns
+        );
+    }
     let _ = writeln!(
         s,
         "Machine: kernel {}, {} × {}.\n",
@@ -464,6 +662,10 @@ pub fn markdown(p: &PassResult, plots: &[String]) -> String {
     s.push_str(&table(p));
     s.push_str("\n## Ratios (to direct / to HAProxy)\n\n");
     s.push_str(&ratios(p));
+    if p.pass == "two-cpu" {
+        s.push_str("\n## 1 → 2 workers (and 2 workers ÷ HAProxy nbthread 2 / nginx 2 workers)\n\n");
+        s.push_str(&scaling(p));
+    }
     s.push_str("\n## Goals\n\n");
     s.push_str(&goals_table(p));
     if p.rounds > 1 {
@@ -482,4 +684,101 @@ pub fn markdown(p: &PassResult, plots: &[String]) -> String {
         }
     }
     s
+}
+
+/// A CPU list for the text: the list when recorded, else the older single CPU.
+fn cpus(list: &str, one: u32) -> String {
+    if list.is_empty() {
+        one.to_string()
+    } else {
+        list.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::Stat;
+
+    fn row(name: &str, workers: usize, figs: &[(&str, f64)]) -> RowResult {
+        RowResult {
+            name: name.into(),
+            workers,
+            figures: figs
+                .iter()
+                .map(|(k, v)| (k.to_string(), Stat::of(&[*v]).unwrap()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn two_cpu_pass() -> PassResult {
+        PassResult {
+            pass: "two-cpu".into(),
+            rows: vec![
+                row(
+                    "haproxy nbthread 2",
+                    0,
+                    &[("conn_per_s", 100.0), ("tput8_gbps", 4.0)],
+                ),
+                row(
+                    "nginx worker_processes 2",
+                    0,
+                    &[("conn_per_s", 90.0), ("tput8_gbps", 5.0)],
+                ),
+                row(
+                    "ambassador epoll --workers 1",
+                    1,
+                    &[("conn_per_s", 60.0), ("tput8_gbps", 3.0)],
+                ),
+                row(
+                    "ambassador epoll --workers 2",
+                    2,
+                    &[("conn_per_s", 120.0), ("tput8_gbps", 6.0)],
+                ),
+                row("ambassador sockmap --workers 2", 1, &[("conn_per_s", 70.0)]),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_scaling_table_divides_two_workers_by_one_and_by_the_peers() {
+        let s = scaling(&two_cpu_pass());
+        let epoll = s.lines().find(|l| l.starts_with("| epoll |")).unwrap();
+        // conn/s: 60 -> 120 = 2.00×, ÷ HAProxy 1.20×, ÷ nginx 1.33×.
+        assert!(
+            epoll.contains("| 60 | 120 | 2.00× | 1.20× | 1.33× |"),
+            "{epoll}"
+        );
+        // sockmap has no --workers 1 row: no pair, no line.
+        assert!(!s.contains("| sockmap |"), "{s}");
+    }
+
+    #[test]
+    fn two_cpu_goals_judge_scaling_and_the_peers() {
+        let g = goals(&two_cpu_pass());
+        assert_eq!(g.len(), 4);
+        // conn/s 2.00× ≥ 1.8×: met; 120 ≥ 100 and ≥ 90: met.
+        assert_eq!(g[0].met, Some(true), "{}", g[0].measured);
+        assert_eq!(g[1].met, Some(true), "{}", g[1].measured);
+        // 8 streams 2.00× ≥ 1.8× met; 6.0 ≥ 4.0 and ≥ 5.0 met.
+        assert_eq!(g[2].met, Some(true), "{}", g[2].measured);
+        assert_eq!(g[3].met, Some(true), "{}", g[3].measured);
+        let mut p = two_cpu_pass();
+        p.rows[3] = row("ambassador epoll --workers 2", 2, &[("conn_per_s", 95.0)]);
+        let g = goals(&p);
+        assert_eq!(g[0].met, Some(false), "{}", g[0].measured);
+        assert_eq!(g[1].met, Some(false), "{}", g[1].measured);
+    }
+
+    #[test]
+    fn a_row_that_runs_fewer_workers_than_asked_says_so() {
+        let p = two_cpu_pass();
+        assert_eq!(
+            display_name(&p.rows[4]),
+            "ambassador sockmap --workers 2 (runs 1 worker)"
+        );
+        assert_eq!(display_name(&p.rows[3]), "ambassador epoll --workers 2");
+    }
 }

@@ -58,6 +58,11 @@ pub const FIGURES: &[Figure] = &[
         higher_is_better: true,
     },
     Figure {
+        key: "syscalls_per_conn",
+        label: "syscalls/conn",
+        higher_is_better: false,
+    },
+    Figure {
         key: "cpu_proxy_s_per_gib",
         label: "proxy CPU s/GiB",
         higher_is_better: false,
@@ -140,6 +145,12 @@ pub struct RowResult {
     pub idle_conns: usize,
     /// Failed connections counted by wrk (should be 0).
     pub conn_errors: u64,
+    /// Workers the ambassador said it runs (`ready` line); 0 for other rows.
+    #[serde(default)]
+    pub workers: usize,
+    /// The biggest syscalls per connection (strace -c), largest first.
+    #[serde(default)]
+    pub syscall_top: Vec<(String, f64)>,
     #[serde(skip)]
     pub raw: BTreeMap<String, Vec<f64>>,
 }
@@ -166,6 +177,21 @@ pub struct PassResult {
     pub cpus: usize,
     pub proxy_cpu: u32,
     pub client_server_cpu: u32,
+    /// CPU lists (taskset -c) of the proxy and of clients + servers: "0", "1", "0,1".
+    /// Empty in results written before the two-CPU pass (then `proxy_cpu` says it).
+    #[serde(default)]
+    pub proxy_cpus: String,
+    #[serde(default)]
+    pub client_cpus: String,
+    /// Figure groups this pass ran (lat, tput, conn, idle); empty = all.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Connections each row's syscall count was taken over; 0 = not measured.
+    #[serde(default)]
+    pub syscall_conns: usize,
+    /// Why a step of this pass did not run (e.g. "syscalls: skipped in smoke mode").
+    #[serde(default)]
+    pub skipped: Vec<String>,
     pub ambassador_bin: String,
     pub versions: BTreeMap<String, String>,
     /// Machine busy rate (CPU-s/s) measured before each round, from other work.
@@ -176,5 +202,34 @@ pub struct PassResult {
 impl PassResult {
     pub fn row(&self, name: &str) -> Option<&RowResult> {
         self.rows.iter().find(|r| r.name == name)
+    }
+
+    /// The HAProxy row of this pass (`haproxy`, or `haproxy nbthread 2` in
+    /// the two-CPU pass): what the ratios and goals compare with.
+    pub fn haproxy(&self) -> Option<&RowResult> {
+        self.rows.iter().find(|r| r.name.starts_with("haproxy"))
+    }
+
+    /// Did this pass run figure group `g`?
+    pub fn ran(&self, g: &str) -> bool {
+        self.groups.is_empty() || self.groups.iter().any(|x| x == g)
+    }
+}
+
+/// The figure group a key belongs to (what `--figures` selects), or
+/// "syscalls" for the strace step.
+pub fn group_of(key: &str) -> &'static str {
+    if key.starts_with("lat") {
+        "lat"
+    } else if key.starts_with("tput") || key.starts_with("cpu_") {
+        "tput"
+    } else if key == "conn_per_s" {
+        "conn"
+    } else if key.starts_with("idle_") {
+        "idle"
+    } else if key.starts_with("syscalls") {
+        "syscalls"
+    } else {
+        "always"
     }
 }

@@ -1,6 +1,8 @@
-//! The backends every row forwards to, started once per pass on the client CPU:
-//! sockperf (latency), iperf3 (throughput), a one-worker nginx serving a 3-byte
-//! file (connection rate), and our own idle server (idle connections).
+//! The backends every row forwards to, started once per pass on the client CPUs:
+//! sockperf (latency), iperf3 (throughput), an nginx serving a 3-byte file
+//! (connection rate; one worker per client CPU, so that the two-CPU pass's
+//! backend keeps up with two proxy workers), and our own idle server (idle
+//! connections).
 
 use crate::sys::{self, Proc};
 use anyhow::{Context, Result};
@@ -18,15 +20,16 @@ pub struct Servers {
     pub http: u16,
     pub idle: IdleServer,
     _procs: Vec<Proc>,
-    cpu: u32,
+    cpus: &'static str,
 }
 
 impl Servers {
-    pub fn start(cpu: u32, dir: &Path) -> Result<Servers> {
+    /// Start every backend pinned to `cpus`; the HTTP server runs `http_workers` workers.
+    pub fn start(cpus: &'static str, http_workers: u32, dir: &Path) -> Result<Servers> {
         let (sockperf, iperf, http) = (sys::free_port()?, sys::free_port()?, sys::free_port()?);
         let mut sp = Proc::spawn(
             "sockperf server",
-            Some(cpu),
+            Some(cpus),
             "sockperf",
             &[
                 "server",
@@ -39,16 +42,16 @@ impl Servers {
             .map(String::from),
         )?;
         sp.wait_ports(&[sockperf], Duration::from_secs(5))?;
-        let ip = iperf_server(cpu, iperf)?;
-        let ng = http_server(cpu, http, dir)?;
-        let idle = IdleServer::start(cpu)?;
+        let ip = iperf_server(cpus, iperf)?;
+        let ng = http_server(cpus, http_workers, http, dir)?;
+        let idle = IdleServer::start(cpus)?;
         Ok(Servers {
             sockperf,
             iperf,
             http,
             idle,
             _procs: vec![sp, ip, ng],
-            cpu,
+            cpus,
         })
     }
 
@@ -57,7 +60,7 @@ impl Servers {
     /// test" and would fail the next row's test too.
     pub fn restart_iperf(&mut self) -> Result<()> {
         drop(self._procs.remove(1)); // stops it and frees the port
-        self._procs.insert(1, iperf_server(self.cpu, self.iperf)?);
+        self._procs.insert(1, iperf_server(self.cpus, self.iperf)?);
         Ok(())
     }
 
@@ -76,10 +79,10 @@ impl Servers {
     }
 }
 
-fn iperf_server(cpu: u32, port: u16) -> Result<Proc> {
+fn iperf_server(cpus: &str, port: u16) -> Result<Proc> {
     let mut ip = Proc::spawn(
         "iperf3 server",
-        Some(cpu),
+        Some(cpus),
         "iperf3",
         &["-s", "-B", "127.0.0.1", "-p", &port.to_string()].map(String::from),
     )?;
@@ -88,14 +91,14 @@ fn iperf_server(cpu: u32, port: u16) -> Result<Proc> {
     Ok(ip)
 }
 
-/// nginx, one worker, serving `/x` (3 bytes) with access log off.
-fn http_server(cpu: u32, port: u16, dir: &Path) -> Result<Proc> {
+/// nginx, `workers` worker processes, serving `/x` (3 bytes) with access log off.
+fn http_server(cpus: &str, workers: u32, port: u16, dir: &Path) -> Result<Proc> {
     let prefix = dir.join("nginx-http");
     std::fs::create_dir_all(prefix.join("www"))?;
     std::fs::write(prefix.join("www/x"), "ok\n")?;
     let p = prefix.display();
     let c = format!(
-        "worker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\npid {p}/nginx.pid;\n\
+        "worker_processes {workers};\nworker_rlimit_nofile 20000;\ndaemon off;\npid {p}/nginx.pid;\n\
          error_log {p}/error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  \
          client_body_temp_path {p}/cb; proxy_temp_path {p}/pt; fastcgi_temp_path {p}/ft;\n  \
          uwsgi_temp_path {p}/ut; scgi_temp_path {p}/st;\n  \
@@ -113,7 +116,7 @@ fn http_server(cpu: u32, port: u16, dir: &Path) -> Result<Proc> {
     ]
     .map(String::from)
     .to_vec();
-    let mut pr = Proc::spawn("nginx http", Some(cpu), "nginx", &args)?;
+    let mut pr = Proc::spawn("nginx http", Some(cpus), "nginx", &args)?;
     pr.wait_ports(&[port], Duration::from_secs(5))?;
     Ok(pr)
 }
@@ -129,11 +132,11 @@ pub struct IdleServer {
 }
 
 impl IdleServer {
-    fn start(cpu: u32) -> Result<IdleServer> {
+    fn start(cpus: &str) -> Result<IdleServer> {
         let me = std::env::current_exe()?;
         let mut child = Command::new("taskset")
             .arg("-c")
-            .arg(cpu.to_string())
+            .arg(cpus)
             .arg(me)
             .arg("idle-server")
             .stdin(Stdio::piped())

@@ -28,17 +28,10 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Start `prog args` pinned to `cpu` (via taskset, which execs: same pid) in a
-    /// new process group. stdout is discarded unless `keep_stdout`.
-    pub fn spawn(name: &str, cpu: Option<u32>, prog: &str, args: &[String]) -> Result<Proc> {
-        let mut cmd = match cpu {
-            Some(c) => {
-                let mut c2 = Command::new("taskset");
-                c2.arg("-c").arg(c.to_string()).arg(prog);
-                c2
-            }
-            None => Command::new(prog),
-        };
+    /// Start `prog args` pinned to the CPU list `cpus` ("0", "0,1"; via taskset,
+    /// which execs: same pid) in a new process group. stdout is discarded.
+    pub fn spawn(name: &str, cpus: Option<&str>, prog: &str, args: &[String]) -> Result<Proc> {
+        let mut cmd = pinned(cpus, prog);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -150,19 +143,12 @@ impl Drop for Proc {
 
 /// Run a command to completion with a hard time limit; return stdout.
 pub fn run_capture(
-    cpu: Option<u32>,
+    cpus: Option<&str>,
     prog: &str,
     args: &[String],
     limit: Duration,
 ) -> Result<String> {
-    let mut cmd = match cpu {
-        Some(c) => {
-            let mut c2 = Command::new("taskset");
-            c2.arg("-c").arg(c.to_string()).arg(prog);
-            c2
-        }
-        None => Command::new(prog),
-    };
+    let mut cmd = pinned(cpus, prog);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -207,6 +193,18 @@ pub fn run_capture(
         bail!("{prog} {st}: {tail}");
     }
     Ok(out + &err)
+}
+
+/// `prog` under `taskset -c <cpus>` (or bare when `cpus` is None).
+fn pinned(cpus: Option<&str>, prog: &str) -> Command {
+    match cpus {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(c).arg(prog);
+            cmd
+        }
+        None => Command::new(prog),
+    }
 }
 
 /// A free loopback port (bind :0, read it, release it).

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 /// sockperf ping-pong round trip (`--full-rtt`), µs: (p50, p99, p99.9).
-pub fn latency(cpu: u32, port: u16, msg: usize, secs: u32) -> Result<(f64, f64, f64)> {
+pub fn latency(cpus: &str, port: u16, msg: usize, secs: u32) -> Result<(f64, f64, f64)> {
     let args = [
         "ping-pong",
         "--tcp",
@@ -25,7 +25,7 @@ pub fn latency(cpu: u32, port: u16, msg: usize, secs: u32) -> Result<(f64, f64, 
     .chain(["-t".into(), secs.to_string(), "--full-rtt".into()])
     .collect::<Vec<_>>();
     let out = sys::run_capture(
-        Some(cpu),
+        Some(cpus),
         "sockperf",
         &args,
         Duration::from_secs(secs as u64 + 20),
@@ -76,7 +76,7 @@ fn accounted(row: &Running, servers: &Servers) -> f64 {
 
 /// iperf3 client for `secs` with `streams` parallel streams (client→server).
 pub fn throughput(
-    cpu: u32,
+    cpus: &str,
     port: u16,
     streams: u32,
     secs: u32,
@@ -104,7 +104,7 @@ pub fn throughput(
         Instant::now(),
     );
     let out = sys::run_capture(
-        Some(cpu),
+        Some(cpus),
         "iperf3",
         &args,
         Duration::from_secs(secs as u64 + 20),
@@ -145,12 +145,13 @@ pub fn background_rate(ms: u64) -> f64 {
     (sys::system_busy_secs() - s0) / t0.elapsed().as_secs_f64()
 }
 
-/// New connections per second: wrk, one thread, 32 connections, each request
-/// carrying `Connection: close`, so every response ends its connection and wrk
-/// opens a new one. Returns (conn/s, errors).
-pub fn conn_rate(cpu: u32, port: u16, secs: u32) -> Result<(f64, u64)> {
+/// New connections per second: wrk, `threads` threads (1, or 2 in the
+/// two-CPU pass), 32 connections, each request carrying `Connection: close`,
+/// so every response ends its connection and wrk opens a new one. Returns
+/// (conn/s, errors).
+pub fn conn_rate(cpus: &str, port: u16, secs: u32, threads: u32) -> Result<(f64, u64)> {
     let args = [
-        "-t1",
+        &format!("-t{threads}"),
         "-c32",
         &format!("-d{secs}s"),
         "-H",
@@ -160,7 +161,7 @@ pub fn conn_rate(cpu: u32, port: u16, secs: u32) -> Result<(f64, u64)> {
     .map(String::from)
     .to_vec();
     let out = sys::run_capture(
-        Some(cpu),
+        Some(cpus),
         "wrk",
         &args,
         Duration::from_secs(secs as u64 + 20),

@@ -6,9 +6,15 @@
 //! `benches/results/<date>-<pass>.{md,json}` + PNG plots and rewrites the results
 //! section of `docs/benchmarks.md`.
 //!
+//! Three passes: same-core and cross-core (the proxy on one CPU) and two-cpu
+//! (HAProxy `nbthread 2`, nginx `worker_processes 2`, `--workers 1` and `2`);
+//! after each pass's timed rounds, syscalls per connection under strace.
+//!
 //! `smoke()` is what CI calls: one round, about a second per figure, into a
-//! scratch directory; it checks only that every row produced every figure or
-//! its reason for not running. No timing is asserted anywhere.
+//! scratch directory (the two-cpu pass with only its throughput and
+//! connection-rate figures, syscalls over 100 connections in the same-core
+//! pass only); it checks only that every row produced every figure or its
+//! reason for not running. No timing is asserted anywhere.
 
 mod discovery;
 mod gateway;
@@ -28,6 +34,7 @@ pub const BENCH_PACKAGES: &[&str] = &[
     "sockperf",
     "iperf3",
     "wrk",
+    "strace", // syscalls per connection
     "fonts-dejavu-core",
     "util-linux", // taskset
 ];
@@ -44,9 +51,12 @@ pub struct Args {
     /// "sockmap --splice always").
     #[arg(long)]
     pub rows: Option<String>,
-    /// Only these passes, comma-separated (same-core, cross-core).
+    /// Only these passes, comma-separated (same-core, cross-core, two-cpu).
     #[arg(long)]
     pub passes: Option<String>,
+    /// Connections each row's syscalls are counted over under strace (0 = skip that step).
+    #[arg(long)]
+    pub syscall_conns: Option<u32>,
     /// Override the number of rounds.
     #[arg(long)]
     pub rounds: Option<u32>,
@@ -98,7 +108,11 @@ pub fn run(a: Args) -> Result<()> {
             extra.extend([flag.to_string(), v]);
         }
     }
-    for (flag, v) in [("--rounds", a.rounds), ("--secs", a.secs)] {
+    for (flag, v) in [
+        ("--rounds", a.rounds),
+        ("--secs", a.secs),
+        ("--syscall-conns", a.syscall_conns),
+    ] {
         if let Some(v) = v {
             extra.extend([flag.to_string(), v.to_string()]);
         }
@@ -179,7 +193,11 @@ fn prepare() -> Result<PathBuf> {
         "-p",
         "ambassador",
     ]))?;
-    Ok(root.join("target/release/ambassador"))
+    // Where cargo put it: $CARGO_TARGET_DIR when set (relative to the root), else target/.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| root.join(d))
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/ambassador"))
 }
 
 fn harness(bin: &std::path::Path, extra: &[String]) -> Result<()> {

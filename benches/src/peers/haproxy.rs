@@ -1,4 +1,5 @@
-//! HAProxy 2.6 in mode tcp, one thread, `maxconn 4000` (this VM's setting).
+//! HAProxy 2.6 in mode tcp, `nbthread N` (1, or 2 in the two-CPU pass), `maxconn 4000`
+//! (this VM's setting).
 
 use crate::peers::Fwd;
 use crate::sys::Proc;
@@ -9,9 +10,9 @@ use std::time::Duration;
 
 pub const MAXCONN: usize = 4000;
 
-pub fn start(cpu: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc> {
+pub fn start(cpus: &str, threads: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc> {
     let mut c = format!(
-        "global\n  nbthread 1\n  maxconn {MAXCONN}\n\ndefaults\n  mode tcp\n  maxconn {MAXCONN}\n  \
+        "global\n  nbthread {threads}\n  maxconn {MAXCONN}\n\ndefaults\n  mode tcp\n  maxconn {MAXCONN}\n  \
          timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\n"
     );
     for (i, f) in fwds.iter().enumerate() {
@@ -25,7 +26,7 @@ pub fn start(cpu: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc> {
     std::fs::write(&cfg, c)?;
     let mut p = Proc::spawn(
         "haproxy",
-        Some(cpu),
+        Some(cpus),
         "haproxy",
         &["-db".into(), "-f".into(), cfg.display().to_string()],
     )?;

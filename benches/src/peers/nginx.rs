@@ -1,5 +1,5 @@
-//! nginx stream proxy, one worker, our own config and prefix (Debian's stream
-//! module loaded explicitly).
+//! nginx stream proxy, `worker_processes N` (1, or 2 in the two-CPU pass), our
+//! own config and prefix (Debian's stream module loaded explicitly).
 
 use crate::peers::Fwd;
 use crate::sys::Proc;
@@ -10,12 +10,12 @@ use std::time::Duration;
 
 pub const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
-pub fn start(cpu: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc> {
+pub fn start(cpus: &str, workers: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc> {
     let prefix = dir.join("nginx-stream");
     std::fs::create_dir_all(&prefix)?;
     let p = prefix.display();
     let mut c = format!(
-        "load_module {STREAM_MODULE};\nworker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\n\
+        "load_module {STREAM_MODULE};\nworker_processes {workers};\nworker_rlimit_nofile 20000;\ndaemon off;\n\
          pid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{ worker_connections 20000; }}\nstream {{\n"
     );
     for f in fwds {
@@ -38,7 +38,7 @@ pub fn start(cpu: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc> {
     ]
     .map(String::from)
     .to_vec();
-    let mut pr = Proc::spawn("nginx", Some(cpu), "nginx", &args)?;
+    let mut pr = Proc::spawn("nginx", Some(cpus), "nginx", &args)?;
     pr.wait_ports(
         &fwds.iter().map(|f| f.listen).collect::<Vec<_>>(),
         Duration::from_secs(5),

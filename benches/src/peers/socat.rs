@@ -6,7 +6,7 @@ use crate::sys::Proc;
 use anyhow::Result;
 use std::time::Duration;
 
-pub fn start(cpu: u32, fwds: &[Fwd]) -> Result<Vec<Proc>> {
+pub fn start(cpus: &str, fwds: &[Fwd]) -> Result<Vec<Proc>> {
     let mut v = Vec::new();
     for f in fwds {
         let args = vec![
@@ -15,7 +15,7 @@ pub fn start(cpu: u32, fwds: &[Fwd]) -> Result<Vec<Proc>> {
             format!("TCP4-LISTEN:{},bind=127.0.0.1,fork,reuseaddr", f.listen),
             format!("TCP4:127.0.0.1:{}", f.target),
         ];
-        let mut p = Proc::spawn("socat", Some(cpu), "socat", &args)?;
+        let mut p = Proc::spawn("socat", Some(cpus), "socat", &args)?;
         p.wait_ports(&[f.listen], Duration::from_secs(5))?;
         v.push(p);
     }

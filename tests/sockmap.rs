@@ -1533,3 +1533,95 @@ fn adaptive_pause_never_deadlocks_a_peer_that_writes_before_it_reads() {
     assert_eq!(code, Some(0), "{log}");
     assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
 }
+
+/// A request/response connection never lags its destination, so it stays
+/// in the kernel however many bytes it carries: the program's budget must
+/// roll with it. 64 KiB pings and pongs through `--splice always` carry 8×
+/// a 32 MiB backstop each way, byte-exact, every byte spliced (none copied:
+/// it never left the kernel) and no integrity reset. With a budget fixed at
+/// insert the connection was reset once it had redirected the backstop.
+#[test]
+fn request_response_carries_many_backstops_in_the_kernel() {
+    const MSG: usize = 64 << 10;
+    const BACKSTOP: u64 = 32 * MIB;
+    const ROUNDS: u64 = 8 * BACKSTOP / MSG as u64;
+    let upstream = server(|mut s| {
+        let (mut inp, mut out) = (Prng::new(21), Prng::new(22));
+        let (mut b, mut want) = (vec![0u8; MSG], vec![0u8; MSG]);
+        for _ in 0..ROUNDS {
+            if s.read_exact(&mut b).is_err() {
+                return;
+            }
+            inp.fill(&mut want);
+            if b != want {
+                return;
+            }
+            out.fill(&mut b);
+            if s.write_all(&b).is_err() {
+                return;
+            }
+        }
+    });
+    let port = free_port();
+    let fwd = format!("127.0.0.1:{port}={upstream}");
+    let backstop = format!("AMBASSADOR_SOCKMAP_BACKSTOP={BACKSTOP}");
+    let bin = Bin::start(
+        &["env", &backstop],
+        &["--mode", "sockmap", "--splice", "always", "--forward", &fwd],
+        false,
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (mut out, mut inp) = (Prng::new(21), Prng::new(22));
+    let (mut b, mut want) = (vec![0u8; MSG], vec![0u8; MSG]);
+    let mut rounds = 0;
+    while rounds < ROUNDS {
+        out.fill(&mut b);
+        if s.write_all(&b).is_err() || s.read_exact(&mut b).is_err() {
+            break;
+        }
+        inp.fill(&mut want);
+        assert!(b == want, "pong {rounds} differs from what was sent");
+        rounds += 1;
+    }
+    drop(s);
+    bin.wait_relays_end(port, upstream);
+    let (code, log) = bin.stop();
+    assert_eq!(rounds, ROUNDS, "the connection was cut: {log}");
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
+    let n = ROUNDS * MSG as u64;
+    assert_eq!(stat(&log, "spliced_to_upstream"), n, "{log}");
+    assert_eq!(stat(&log, "spliced_to_client"), n, "{log}");
+    assert_eq!(stat(&log, "bytes_to_upstream"), 0, "{log}");
+    assert_eq!(stat(&log, "bytes_to_client"), 0, "{log}");
+}
+
+/// A tuning variable that is not a number is bad input: one line naming
+/// it, exit 2, in `--mode sockmap` and in `--mode auto` alike.
+#[test]
+fn bad_sockmap_tuning_variable_exits_2_naming_it() {
+    let port = free_port();
+    let fwd = format!("127.0.0.1:{port}=127.0.0.1:9");
+    for mode in ["sockmap", "auto"] {
+        for var in [
+            "AMBASSADOR_SOCKMAP_CONNS=lots",
+            "AMBASSADOR_SOCKMAP_BACKSTOP=2G",
+            "AMBASSADOR_SOCKMAP_INFLIGHT=-1",
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_ambassador"))
+                .args(["--mode", mode, "--forward", &fwd])
+                .env(
+                    var.split('=').next().unwrap(),
+                    var.split_once('=').unwrap().1,
+                )
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "--mode {mode} {var}: {err}");
+            let name = var.split('=').next().unwrap();
+            assert_eq!(err.lines().count(), 1, "--mode {mode} {var}: {err}");
+            assert!(err.contains(name), "--mode {mode} {var}: {err}");
+        }
+    }
+}

@@ -377,8 +377,15 @@ impl Splicer {
         self.stats.get(&cookie, 0).map_err(map_io)
     }
 
-    /// Replace the budget/handshake for bytes received on `cookie`'s socket.
-    pub fn set_ctrl(&mut self, cookie: u64, ctrl: DirCtrl) -> io::Result<()> {
+    /// Move the budget for bytes received on `cookie`'s socket to `limit`
+    /// (`forwarded` stays 0: this engine never copies passed bytes). The
+    /// update replaces the whole value at once; a verdict running meanwhile
+    /// sees the old limit or the new one.
+    pub fn set_limit(&mut self, cookie: u64, limit: u64) -> io::Result<()> {
+        let ctrl = DirCtrl {
+            limit,
+            forwarded: 0,
+        };
         self.ctrl.insert(cookie, ctrl, 0).map_err(map_io)
     }
 

@@ -43,6 +43,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The sockmap engine's tuning variables are bad input too, even where
+    // `--mode auto` would not end up choosing that engine.
+    if let Err(e) = engine::sockmap::Tuning::from_env() {
+        eprintln!("ambassador: error: {e}");
+        return ExitCode::from(2);
+    }
     if cli.check {
         print!("{}", ambassador::cli::table(&settings, &skipped));
         if cli.config.is_some() {

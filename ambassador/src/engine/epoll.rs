@@ -85,7 +85,7 @@ pub async fn relay(conn: Conn) -> io::Result<()> {
 /// pattern, where splicing saves a userspace wake-up per message) with no
 /// read larger than `small` in between (bulk, in either or both directions,
 /// where the copy loop is faster on one host).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Promote {
     pub turns: u32,
     pub small: usize,

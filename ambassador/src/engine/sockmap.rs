@@ -14,15 +14,16 @@
 //! 3. Each direction ("half", `half.rs`) is a state machine: redirecting in
 //!    the kernel, leaving it, or copied in userspace. The kernel acknowledges
 //!    redirected bytes at once and queues them on the peer without limit, so
-//!    the program redirects only within a per-half budget kept at (bytes the
-//!    destination has taken) + [`INFLIGHT_CAP`]. Past the budget it passes
-//!    bytes back to the source socket (charged to its receive buffer: TCP
-//!    flow control reaches the sender) and the half leaves the kernel for
-//!    good: the source is taken out of `VERDICT`, userspace waits until the
-//!    destination took every redirected byte, then copies. A half never
+//!    a half whose in-flight bytes (redirected, not yet taken by the
+//!    destination) pass [`INFLIGHT_CAP`] leaves the kernel for good: both
+//!    sockets are taken out of `VERDICT` (new bytes wait in the TCP receive
+//!    queues, where flow control reaches the senders), userspace waits until
+//!    each destination took every redirected byte, then copies. A half never
 //!    returns to the kernel, and userspace never copies from a socket that
 //!    is in `VERDICT`: in verdict-only mode the kernel can hand the program
-//!    bytes twice (docs/sockmap.md, "Duplicated data").
+//!    bytes twice (docs/sockmap.md, "Duplicated data"). The program's own
+//!    budget is only a backstop far above the cap, rolled forward as the
+//!    destination takes bytes (`budget.rs`).
 //! 4. Half-close: on RDHUP, a read takes the source's socket lock (so the
 //!    verdict has seen every byte before the FIN); once the destination has
 //!    taken every byte, `shutdown(SHUT_WR)` it. The other half keeps flowing.
@@ -34,12 +35,16 @@
 //!    both with RST. Close: only when both halves are done; `close()` unlinks
 //!    the sockets from the sockmaps, and we delete their counters.
 
+mod budget;
 mod half;
 mod leaving;
 mod spliced;
+mod tuning;
 mod watcher;
 
+pub use budget::Budget;
 pub use half::{Fin, Half, Integrity, Move, Observed, Path, Plan, Route};
+pub use tuning::Tuning;
 
 use super::Conn;
 use super::epoll::{Outcome, Promote};
@@ -62,8 +67,9 @@ pub const INFLIGHT_CAP: u64 = 4 << 20;
 /// The program's own budget per direction (`DirCtrl::limit`), a backstop
 /// far above [`INFLIGHT_CAP`] in case userspace is starved: past it the
 /// program passes bytes, which the integrity check turns into a reset
-/// (this engine never copies from a socket in a sockmap).
-pub const BACKSTOP: u64 = 256 << 20;
+/// (this engine never copies from a socket in a sockmap). It rolls: kept at
+/// (bytes the destination took) + this (`budget.rs`).
+pub const BACKSTOP: u64 = 2 << 30;
 /// `--splice adaptive`: splice a connection after 8 changes of direction
 /// (4 round trips) with no read over 32 KiB in between.
 pub const PROMOTE: Promote = Promote {
@@ -72,7 +78,7 @@ pub const PROMOTE: Promote = Promote {
 };
 const _: () = assert!(PROMOTE.small < super::epoll::BUF_SIZE);
 /// Connections the maps hold by default (each map holds two sockets per
-/// connection). `AMBASSADOR_SOCKMAP_CONNS` overrides it.
+/// connection). `AMBASSADOR_SOCKMAP_CONNS` overrides it (`tuning.rs`).
 pub const DEFAULT_CAPACITY: u32 = 32_768;
 
 /// The engine's start-up state: the loaded program and maps, the watcher
@@ -96,6 +102,9 @@ pub struct Sockmap {
     /// In-flight cap per half ([`INFLIGHT_CAP`] unless
     /// `AMBASSADOR_SOCKMAP_INFLIGHT` overrides it).
     cap: u64,
+    /// The program's rolling budget per half ([`BACKSTOP`] unless
+    /// `AMBASSADOR_SOCKMAP_BACKSTOP` overrides it; see `budget.rs`).
+    backstop: u64,
     /// When `--splice adaptive` promotes (`AMBASSADOR_SOCKMAP_PROMOTE_TURNS`
     /// overrides the turns, e.g. 0 to promote at the first quiet point).
     promote: Promote,
@@ -141,31 +150,13 @@ impl Record {
     }
 }
 
-/// A numeric `AMBASSADOR_SOCKMAP_*` override: absent → `None`; present but
-/// not a number → an error naming the variable (never a silent default).
-fn env_num(k: &str) -> Result<Option<u64>, String> {
-    match std::env::var(k) {
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(_) => Err(format!("{k}: not valid UTF-8")),
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("{k}={v:?}: not a number")),
-    }
-}
-
 impl Sockmap {
     /// Load and attach the program once at start-up. The error is the exact
-    /// reason (syscall, errno, what is missing).
+    /// reason (syscall, errno, what is missing, or the bad
+    /// `AMBASSADOR_SOCKMAP_*` variable).
     pub fn start(settings: &Settings) -> Result<Sockmap, String> {
-        let capacity = env_num("AMBASSADOR_SOCKMAP_CONNS")?
-            .map(|c| {
-                u32::try_from(c).map_err(|_| format!("AMBASSADOR_SOCKMAP_CONNS={c}: too large"))
-            })
-            .transpose()?
-            .unwrap_or(DEFAULT_CAPACITY);
-        Self::with_capacity(settings.splice, capacity)
+        let tuning = Tuning::from_env()?;
+        Self::with_tuning(settings.splice, tuning, None)
     }
 
     /// Whether the kernel program cuts skbs that repeat bytes already
@@ -186,12 +177,25 @@ impl Sockmap {
         capacity: u32,
         leave_after: Option<u64>,
     ) -> Result<Sockmap, String> {
-        let cap = env_num("AMBASSADOR_SOCKMAP_INFLIGHT")?.unwrap_or(INFLIGHT_CAP);
-        let mut promote = PROMOTE;
-        if let Some(t) = env_num("AMBASSADOR_SOCKMAP_PROMOTE_TURNS")? {
-            promote.turns = u32::try_from(t)
-                .map_err(|_| format!("AMBASSADOR_SOCKMAP_PROMOTE_TURNS={t}: too large"))?;
-        }
+        let tuning = Tuning {
+            capacity,
+            ..Tuning::from_env()?
+        };
+        Self::with_tuning(policy, tuning, leave_after)
+    }
+
+    /// The engine with explicit [`Tuning`] (and the `leave_after` test hook).
+    pub fn with_tuning(
+        policy: SplicePolicy,
+        tuning: Tuning,
+        leave_after: Option<u64>,
+    ) -> Result<Sockmap, String> {
+        let Tuning {
+            capacity,
+            inflight: cap,
+            backstop,
+            promote,
+        } = tuning;
         let mut splicer = bpf::probe(capacity.saturating_mul(2).max(2))?;
         match splicer.trims() {
             Ok(()) => tracing::info!(
@@ -216,6 +220,7 @@ impl Sockmap {
             left: Cell::new(0),
             integrity_resets: Cell::new(0),
             cap,
+            backstop,
             promote,
             leave_after,
             next_token: Cell::new(1),
@@ -354,7 +359,8 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
         fd: fds[1],
         cookie: cookies[1],
     };
-    let inserted = sm.splicer.borrow_mut().insert_pair(a, b, BACKSTOP);
+    let budget = Budget::new(sm.backstop);
+    let inserted = sm.splicer.borrow_mut().insert_pair(a, b, budget.limit());
     let upstream_userspace = match inserted {
         Err(e) => {
             ForwardStats::add(&conn.stats.splice_fallbacks, 1);
@@ -400,6 +406,7 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
         in_verdict: [true, !upstream_userspace],
         halves: [Half::default(), Half::default()],
         route: Route::spliced(sm.cap),
+        budget: [budget; 2],
         leave_after: sm.leave_after,
         activity: super::Activity::new(),
         stats: &conn.stats,

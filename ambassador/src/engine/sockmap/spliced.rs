@@ -9,6 +9,7 @@
 //! violation resets both sockets.
 
 use super::Sockmap;
+use super::budget::Budget;
 use super::half::{self, Half, Integrity, Move, Observed, Path, Route};
 use super::leaving;
 use super::watcher::Slot;
@@ -48,6 +49,8 @@ pub struct Spliced<'a> {
     pub in_verdict: [bool; 2],
     pub halves: [Half; 2],
     pub route: Route,
+    /// The program's rolling budget per half (`budget.rs`).
+    pub budget: [Budget; 2],
     /// Test hook: leave once this many bytes were redirected in total.
     pub leave_after: Option<u64>,
     pub activity: Activity,
@@ -174,6 +177,7 @@ impl Spliced<'_> {
                 Path::Spliced => {
                     for (d, od) in o.iter().enumerate() {
                         busy |= self.step(d, od)?;
+                        self.roll_budget(d, od)?;
                     }
                     if self.halves.iter().all(Half::done) {
                         return Ok(Outcome::Done);
@@ -255,6 +259,21 @@ impl Spliced<'_> {
             self.halves[d].forwarded();
         }
         Ok(plan.busy)
+    }
+
+    /// Keep the program's budget for half `d` ahead of what its destination
+    /// took, so a connection that stays in the kernel is never cut by it.
+    fn roll_budget(&mut self, d: usize, o: &Observed) -> io::Result<()> {
+        if !self.in_verdict[d] {
+            return Ok(());
+        }
+        if let Some(limit) = self.budget[d].raise(o.dst_taken) {
+            self.sm
+                .splicer
+                .borrow_mut()
+                .set_limit(self.cookies[d], limit)?;
+        }
+        Ok(())
     }
 
     /// After both sockets left the maps: restore `SO_RCVLOWAT` for the copy

@@ -1597,6 +1597,86 @@ fn request_response_carries_many_backstops_in_the_kernel() {
     assert_eq!(stat(&log, "bytes_to_client"), 0, "{log}");
 }
 
+/// `rounds` round trips of `chunk` bytes each through an echo upstream,
+/// every byte checked: a deterministic stream from `seed` out, the same
+/// stream back.
+fn echo_rounds(s: &mut TcpStream, seed: u64, rounds: usize, chunk: usize) {
+    let (mut out, mut back) = (Prng::new(seed), Prng::new(seed));
+    let (mut b, mut want) = (vec![0u8; chunk], vec![0u8; chunk]);
+    for r in 0..rounds {
+        out.fill(&mut b);
+        s.write_all(&b).unwrap();
+        s.read_exact(&mut b).unwrap();
+        back.fill(&mut want);
+        assert!(b == want, "round {r} of stream {seed} differs");
+    }
+}
+
+/// A full sockmap through the real binary (`AMBASSADOR_SOCKMAP_CONNS=1`):
+/// with connection A spliced and still open, connection B does not fit.
+/// B is copied in userspace instead, with one warning, and both carry
+/// their bytes exactly; the stats count one fallback, no integrity reset,
+/// A's bytes as spliced and B's as copied.
+#[test]
+fn binary_full_sockmap_copies_the_next_connection_in_userspace() {
+    const CHUNK: usize = 8 << 10;
+    const ROUNDS: usize = 4;
+    let upstream = server(|mut s| {
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let port = free_port();
+    let fwd = format!("127.0.0.1:{port}={upstream}");
+    let bin = Bin::start(
+        &["env", "AMBASSADOR_SOCKMAP_CONNS=1"],
+        &["--mode", "sockmap", "--splice", "always", "--forward", &fwd],
+        false,
+    );
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    };
+    // A fills the map (its round trips are through its splice).
+    let mut a = connect();
+    echo_rounds(&mut a, 31, ROUNDS, CHUNK);
+    // B finds it full while A is open.
+    let mut b = connect();
+    echo_rounds(&mut b, 32, ROUNDS, CHUNK);
+    // A is unharmed by B.
+    echo_rounds(&mut a, 33, ROUNDS, CHUNK);
+    drop((a, b));
+    bin.wait_relays_end(port, upstream);
+    let (code, log) = bin.stop();
+    assert_eq!(code, Some(0), "{log}");
+    let full: Vec<&str> = log.lines().filter(|l| l.contains("sockmap full")).collect();
+    assert_eq!(full.len(), 1, "one warning, for B: {log}");
+    assert!(full[0].contains("WARN"), "{}", full[0]);
+    assert!(
+        full[0].contains("sockmap full, copying this connection in userspace"),
+        "{}",
+        full[0]
+    );
+    assert!(full[0].contains("capacity=1"), "{}", full[0]);
+    assert_eq!(stat(&log, "splice_fallbacks"), 1, "{log}");
+    assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
+    assert_eq!(stat(&log, "errors"), 0, "{log}");
+    let each = (ROUNDS * CHUNK) as u64;
+    assert_eq!(stat(&log, "spliced_to_upstream"), 2 * each, "A: {log}");
+    assert_eq!(stat(&log, "spliced_to_client"), 2 * each, "A: {log}");
+    assert_eq!(stat(&log, "bytes_to_upstream"), each, "B: {log}");
+    assert_eq!(stat(&log, "bytes_to_client"), each, "B: {log}");
+}
+
 /// A tuning variable that is not a number is bad input: one line naming
 /// it, exit 2, in `--mode sockmap` and in `--mode auto` alike.
 #[test]

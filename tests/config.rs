@@ -5,22 +5,7 @@
 mod support;
 
 use std::process::Command;
-use support::BIN;
-
-/// Run `ambassador <args>` with exactly `env`; returns (code, stdout, stderr).
-fn run(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .env_clear()
-        .envs(env.iter().copied())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use support::{BIN, run_with_env};
 
 /// The rows of the `--check` table, without the header.
 fn rows(stdout: &str) -> Vec<Vec<String>> {
@@ -38,7 +23,7 @@ fn rows(stdout: &str) -> Vec<Vec<String>> {
 
 /// A bad-input run: exit 2 and exactly one line on stderr.
 fn error(env: &[(&str, &str)], args: &[&str]) -> String {
-    let (code, stdout, stderr) = run(env, args);
+    let (code, stdout, stderr) = run_with_env(env, args);
     assert_eq!(code, 2, "stdout={stdout} stderr={stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     stderr.trim_end().to_string()
@@ -56,7 +41,7 @@ fn classic_link_variables() {
         ("DB_NAME", "/amb/db"),
         ("DB_ENV_REDIS_VERSION", "7.0"),
     ];
-    let (code, out, _) = run(&env, &["--check"]);
+    let (code, out, _) = run_with_env(&env, &["--check"]);
     assert_eq!(code, 0);
     assert_eq!(
         rows(&out),
@@ -73,7 +58,7 @@ fn classic_link_variables() {
 #[test]
 fn listen_port_is_taken_from_the_name() {
     // The 2014 walkthrough tells ambassador1 the remote address by hand.
-    let (code, out, _) = run(
+    let (code, out, _) = run_with_env(
         &[("REDIS_PORT_1234_TCP", "tcp://192.168.1.52:6379")],
         &["--check"],
     );
@@ -88,7 +73,7 @@ fn linked_containers_own_env_and_udp_are_skipped_out_loud() {
         ("DB_ENV_OTHER_PORT_80_TCP", "tcp://10.9.9.9:80"),
         ("DNS_PORT_53_UDP", "udp://172.17.0.4:53"),
     ];
-    let (code, out, _) = run(&env, &["--check"]);
+    let (code, out, _) = run_with_env(&env, &["--check"]);
     assert_eq!(code, 0);
     assert_eq!(rows(&out).len(), 1);
     assert!(
@@ -109,7 +94,7 @@ fn port_ranges_give_one_forward_per_port_and_ignore_start_end() {
         ("APP_PORT_7000_TCP_PORT_START", "7000"),
         ("APP_PORT_7000_TCP_PORT_END", "7002"),
     ];
-    let (code, out, _) = run(&env, &["--check"]);
+    let (code, out, _) = run_with_env(&env, &["--check"]);
     assert_eq!(code, 0);
     let listen: Vec<String> = rows(&out).iter().map(|r| r[1].clone()).collect();
     assert_eq!(listen, ["0.0.0.0:7000", "0.0.0.0:7001", "0.0.0.0:7002"]);
@@ -117,7 +102,7 @@ fn port_ranges_give_one_forward_per_port_and_ignore_start_end() {
 
 #[test]
 fn forward_flags_ipv6_hostnames_and_positional() {
-    let (code, out, _) = run(
+    let (code, out, _) = run_with_env(
         &[],
         &[
             "--check",
@@ -219,7 +204,7 @@ fn duplicate_listen_addresses_name_both_sources() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let (code, _, err) = run(&[], &["--forward", "1=a:1", "--mode", "turbo"]);
+    let (code, _, err) = run_with_env(&[], &["--forward", "1=a:1", "--mode", "turbo"]);
     assert_eq!(code, 2);
     assert!(err.contains("invalid value 'turbo' for '--mode"), "{err}");
     assert_eq!(
@@ -238,7 +223,7 @@ fn a_listener_that_cannot_bind_stops_the_whole_start() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_port = busy.local_addr().unwrap().port();
     let free = support::free_port();
-    let (code, _, err) = run(
+    let (code, _, err) = run_with_env(
         &[],
         &[
             "--mode",

@@ -18,20 +18,6 @@ fn write(name: &str, text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn run(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .env_clear()
-        .envs(env.iter().copied())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 const FULL: &str = r#"
 # Every setting a flag has, and two forwards.
 mode = "epoll"
@@ -62,7 +48,7 @@ balance = "round-robin"
 #[test]
 fn check_prints_the_file_flags_and_link_variables_together() {
     let path = write("full.toml", FULL);
-    let (code, out, err) = run(
+    let (code, out, err) = run_with_env(
         &[("CACHE_PORT_11211_TCP", "tcp://10.0.0.9:11211")],
         &[
             "--check",
@@ -90,7 +76,7 @@ fn check_prints_the_file_flags_and_link_variables_together() {
     );
 
     // A flag given on the command line wins over the file's setting.
-    let (code, out, err) = run(
+    let (code, out, err) = run_with_env(
         &[],
         &[
             "--check",
@@ -114,7 +100,7 @@ fn check_prints_the_file_flags_and_link_variables_together() {
 
 /// A bad-input run: exit 2, exactly one line on stderr, returned.
 fn error(args: &[&str]) -> String {
-    let (code, out, err) = run(&[], args);
+    let (code, out, err) = run_with_env(&[], args);
     assert_eq!(code, 2, "stdout={out} stderr={err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     err.trim_end().to_string()

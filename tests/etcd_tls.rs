@@ -1,5 +1,6 @@
 //! etcd over TLS with client certificates, live: a CA, a server certificate
-//! (SAN 127.0.0.1) and client certificates made with `openssl` in the test,
+//! (SAN 127.0.0.1) and client certificates made with `openssl` (the test PKI
+//! of `ambassador_test_support::pki`),
 //! a real etcd (Debian's `etcd-server` 3.4) started with `--cert-file
 //! --key-file --client-cert-auth --trusted-ca-file` on free loopback ports.
 //!
@@ -20,8 +21,9 @@
 mod redis;
 mod support;
 
+use ambassador_test_support::pki;
 use redis::{Redis, command, connect};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 use support::*;
@@ -53,104 +55,6 @@ impl Drop for Dir {
     }
 }
 
-/// `openssl ARGS` in `dir`; panics unless it exits 0.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("openssl (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A new P-256 key in `NAME.key` (PKCS#8 PEM, unencrypted).
-fn key(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            &format!("{name}.key"),
-        ],
-    );
-}
-
-/// A self-signed CA: `NAME.key`, `NAME.pem`.
-fn ca(dir: &Path, name: &str) {
-    key(dir, name);
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-}
-
-/// A certificate `NAME.pem` (key `NAME.key`) signed by CA `by`, with the
-/// extensions `ext` (one per line, an `openssl x509 -extfile`).
-fn cert(dir: &Path, name: &str, by: &str, ext: &str) {
-    key(dir, name);
-    let csr = format!("{name}.csr");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-key",
-            &format!("{name}.key"),
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-    let extfile = format!("{name}.ext");
-    std::fs::write(dir.join(&extfile), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &format!("{by}.pem"),
-            "-CAkey",
-            &format!("{by}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &extfile,
-        ],
-    );
-}
-
 /// The certificates of one test: `ca` (etcd's and the clients' CA),
 /// `server` (SAN 127.0.0.1), `client` (signed by `ca`), and a second CA
 /// `other` with a client certificate `stranger` signed by it.
@@ -162,18 +66,9 @@ impl Pki {
     fn new() -> Pki {
         let dir = Dir::new("pki");
         let d = &dir.0;
-        ca(d, "ca");
-        cert(
-            d,
-            "server",
-            "ca",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n\
-             keyUsage=critical,digitalSignature\n",
-        );
-        let client = "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n";
-        cert(d, "client", "ca", client);
-        ca(d, "other");
-        cert(d, "stranger", "other", client);
+        pki::make(d).expect("test PKI");
+        pki::ca(d, "other").expect("second CA");
+        pki::cert(d, "stranger", "other", pki::CLIENT).expect("stranger's certificate");
         Pki { dir }
     }
 

@@ -30,6 +30,31 @@ fn line_with<'a>(log: &'a str, needle: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {needle:?} in:\n{log}"))
 }
 
+/// `auto` skipped `engine` with one line that says each of `why`, chose
+/// `chosen`, and the chosen engine forwards.
+fn assert_auto_skipped(p: &Proxy, engine: &str, why: &[&str], chosen: &str) {
+    let log = p.log();
+    let skipped = line_with(&log, &format!("engine skipped engine={engine}"));
+    for w in why {
+        assert!(skipped.contains(w), "{w:?} not in: {skipped}");
+    }
+    assert!(
+        log.contains(&format!("engine chosen engine={chosen} mode=auto")),
+        "{log}"
+    );
+    ping(p);
+}
+
+/// An explicitly requested `mode` did not start: exit 1, the line naming
+/// the mode says `why`, and no other engine was taken instead.
+fn assert_refused(started: Result<Proxy, (Option<i32>, String)>, mode: &str, why: &str) {
+    let (code, log) = started.err().expect("must not start");
+    assert_eq!(code, Some(1), "{log}");
+    let line = line_with(&log, &format!("--mode {mode}:"));
+    assert!(line.contains(why), "{line}");
+    assert!(!log.contains("engine chosen"), "no silent fallback: {log}");
+}
+
 /// Round trip through a running proxy, so "chosen" also means "works".
 fn ping(p: &Proxy) {
     use std::io::{Read, Write};
@@ -51,14 +76,12 @@ fn auto_probes_sockmap_but_does_not_choose_it_yet() {
         log.contains("skbs that repeat bytes already spliced are cut in the kernel"),
         "{log}"
     );
-    let skipped = line_with(&log, "engine skipped engine=sockmap");
-    assert!(skipped.contains("not chosen by auto yet"), "{skipped}");
-    assert!(skipped.contains("--mode sockmap"), "{skipped}");
-    assert!(
-        log.contains("engine chosen engine=uring mode=auto"),
-        "{log}"
+    assert_auto_skipped(
+        &p,
+        "sockmap",
+        &["not chosen by auto yet", "--mode sockmap"],
+        "uring",
     );
-    ping(&p);
 }
 
 /// With CAP_BPF and CAP_NET_ADMIN but neither CAP_PERFMON nor CAP_SYS_ADMIN
@@ -84,61 +107,41 @@ fn auto_skips_sockmap_that_cannot_cut_repeated_bytes() {
             &format!("127.0.0.1:{port}=127.0.0.1:{echo}"),
         ]);
     let p = Proxy::spawn(cmd, port).expect("starts");
-    let log = p.log();
-    let skipped = line_with(&log, "engine skipped engine=sockmap");
-    assert!(skipped.contains("not chosen by auto"), "{skipped}");
-    assert!(skipped.contains("CAP_PERFMON"), "{skipped}");
-    assert!(skipped.contains("--mode sockmap"), "{skipped}");
-    assert!(
-        log.contains("engine chosen engine=uring mode=auto"),
-        "{log}"
+    assert_auto_skipped(
+        &p,
+        "sockmap",
+        &["not chosen by auto", "CAP_PERFMON", "--mode sockmap"],
+        "uring",
     );
-    ping(&p);
 }
 
 #[test]
 fn auto_without_capabilities_picks_uring_and_says_why() {
     let p = start("auto", true, false).expect("starts");
-    let log = p.log();
-    let skipped = line_with(&log, "engine skipped engine=sockmap");
-    assert!(skipped.contains("EPERM"), "{skipped}");
-    assert!(skipped.contains("CAP_BPF"), "{skipped}");
-    assert!(
-        log.contains("engine chosen engine=uring mode=auto"),
-        "{log}"
-    );
-    ping(&p);
+    assert_auto_skipped(&p, "sockmap", &["EPERM", "CAP_BPF"], "uring");
 }
 
 #[test]
 fn auto_with_io_uring_blocked_picks_epoll_and_says_why() {
     let p = start("auto", true, true).expect("starts");
-    let log = p.log();
-    let skipped = line_with(&log, "engine skipped engine=uring");
-    assert!(skipped.contains("io_uring_setup: EPERM"), "{skipped}");
-    assert!(skipped.contains("seccomp"), "{skipped}");
-    assert!(log.contains("engine skipped engine=sockmap"), "{log}");
     assert!(
-        log.contains("engine chosen engine=epoll mode=auto"),
-        "{log}"
+        p.log().contains("engine skipped engine=sockmap"),
+        "{}",
+        p.log()
     );
-    ping(&p);
+    assert_auto_skipped(&p, "uring", &["io_uring_setup: EPERM", "seccomp"], "epoll");
 }
 
 #[test]
 fn uring_requested_but_blocked_is_an_error() {
-    let (code, log) = start("uring", false, true).err().expect("must not start");
-    assert_eq!(code, Some(1), "{log}");
-    let line = line_with(&log, "--mode uring:");
-    assert!(line.contains("io_uring_setup: EPERM"), "{line}");
-    assert!(!log.contains("engine chosen"), "no silent fallback: {log}");
+    assert_refused(
+        start("uring", false, true),
+        "uring",
+        "io_uring_setup: EPERM",
+    );
 }
 
 #[test]
 fn sockmap_requested_without_capabilities_is_an_error() {
-    let (code, log) = start("sockmap", true, false).err().expect("must not start");
-    assert_eq!(code, Some(1), "{log}");
-    let line = line_with(&log, "--mode sockmap:");
-    assert!(line.contains("EPERM"), "{line}");
-    assert!(!log.contains("engine chosen"), "no silent fallback: {log}");
+    assert_refused(start("sockmap", true, false), "sockmap", "EPERM");
 }

@@ -32,6 +32,16 @@ fn ambassador(args: &[&str]) -> Command {
     cmd
 }
 
+/// `ambassador --mode epoll --forward 127.0.0.1:PORT=TARGET` with an empty environment.
+fn epoll_forward(port: u16, target: &str) -> Command {
+    ambassador(&[
+        "--mode",
+        "epoll",
+        "--forward",
+        &format!("127.0.0.1:{port}={target}"),
+    ])
+}
+
 /// A bad-input run: exit 2 and exactly one line on stderr, returned.
 fn bad_input(cmd: &mut Command) -> String {
     let (code, err) = run(cmd);
@@ -297,12 +307,7 @@ fn non_utf8_link_variables_are_named() {
     assert!(line.contains("skipped DB_PORT_6379_TCP"), "{line}");
     // Next to a real forward: one warning naming it and why.
     let port = free_port();
-    let mut cmd = ambassador(&[
-        "--mode",
-        "epoll",
-        "--forward",
-        &format!("127.0.0.1:{port}=127.0.0.1:9"),
-    ]);
+    let mut cmd = epoll_forward(port, "127.0.0.1:9");
     cmd.env("DB_PORT_6379_TCP", bad);
     let p = Proxy::spawn(cmd, port).expect("ready");
     let log = p.log();
@@ -324,12 +329,7 @@ fn free_low_port() -> u16 {
 #[test]
 fn a_low_port_without_the_capability_says_what_is_needed() {
     let port = free_low_port();
-    let mut cmd = ambassador(&[
-        "--mode",
-        "epoll",
-        "--forward",
-        &format!("127.0.0.1:{port}=127.0.0.1:9"),
-    ]);
+    let mut cmd = epoll_forward(port, "127.0.0.1:9");
     support::restrict(&mut cmd, true, false);
     let (code, err) = run(&mut cmd);
     assert_eq!(code, Some(1), "{err}");
@@ -363,12 +363,7 @@ fn capabilities_are_dropped_and_verified() {
     // Without a readable /proc (a tmpfs over it, in the child's own mount
     // namespace), the drop must not be skipped.
     let port = free_port();
-    let mut cmd = ambassador(&[
-        "--mode",
-        "epoll",
-        "--forward",
-        &format!("127.0.0.1:{port}=127.0.0.1:9"),
-    ]);
+    let mut cmd = epoll_forward(port, "127.0.0.1:9");
     unsafe {
         cmd.pre_exec(|| {
             let c = |p: &[u8]| p.as_ptr() as *const libc::c_char;

@@ -15,6 +15,7 @@
 
 mod support;
 
+use ambassador_test_support::netns::private_netns;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;
@@ -24,22 +25,6 @@ use support::{BIN, Proxy, free_port};
 
 /// Each way; far more than the buffers of the namespace hold.
 const BYTES: usize = 64 << 20;
-
-/// Move this thread (and what it starts) into a new network namespace with
-/// loopback up and TCP buffers of at most 128 KiB.
-fn small_buffers_netns() {
-    // Safety: plain syscall; affects only the calling thread.
-    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-    let st = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .expect("ip");
-    assert!(st.success(), "ip link set lo up");
-    // /proc/sys/net is the namespace of the task that opens it.
-    for f in ["tcp_rmem", "tcp_wmem"] {
-        std::fs::write(format!("/proc/sys/net/ipv4/{f}"), "4096 16384 131072").expect(f);
-    }
-}
 
 fn byte(i: usize) -> u8 {
     (i % 251) as u8
@@ -77,7 +62,9 @@ fn leaving_the_kernel_copies_the_drained_half_while_the_other_drains() {
         eprintln!("skipped: sockmap not available here");
         return;
     }
-    small_buffers_netns();
+    // TCP buffers of at most 128 KiB, in a namespace of this test's own.
+    let small = "4096 16384 131072";
+    private_netns(&[("ipv4/tcp_rmem", small), ("ipv4/tcp_wmem", small)]);
     let echo = slow_echo();
     let port = free_port();
     let fwd = format!("127.0.0.1:{port}={echo}");

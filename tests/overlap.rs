@@ -24,10 +24,10 @@
 
 mod support;
 
+use ambassador_test_support::netns::private_netns;
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use support::{Proxy, wait_until};
@@ -39,21 +39,6 @@ const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
 const TCP_REPAIR_ON: libc::c_int = 1;
 const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-
-/// Move this thread (and every process and thread it starts) into a new
-/// network namespace with loopback up and TCP timestamps off. The
-/// namespace goes away with the last of them.
-fn private_netns() {
-    // Safety: plain syscall; affects only the calling thread.
-    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-    let st = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .expect("ip");
-    assert!(st.success(), "ip link set lo up");
-    // /proc/sys/net is the namespace of the task that opens it.
-    std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0").expect("tcp_timestamps");
-}
 
 fn setopt(s: &TcpStream, name: libc::c_int, v: libc::c_int) {
     // Safety: a c_int option on a socket we own.
@@ -199,7 +184,8 @@ fn a_segment_repeating_spliced_bytes_is_cut_in_the_kernel() {
         eprintln!("skipped: sockmap not available here");
         return;
     }
-    private_netns();
+    // Loopback only, and TCP timestamps off so a hand-made header needs no options.
+    private_netns(&[("ipv4/tcp_timestamps", "0")]);
     // Ten 4,095-byte cuts and a remainder: the program's loop, not one call.
     const REPEAT: usize = 40_000;
     let (a, b, c) = (pattern(1, 50_000), pattern(2, 20_000), pattern(3, 3000));

@@ -7,7 +7,7 @@
 
 mod ambassador;
 mod haproxy;
-mod nginx;
+pub mod nginx;
 mod socat;
 
 use crate::sys::{self, Proc};

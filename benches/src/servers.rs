@@ -104,21 +104,7 @@ fn http_server(cpus: &str, workers: u32, port: u16, dir: &Path) -> Result<Proc> 
          uwsgi_temp_path {p}/ut; scgi_temp_path {p}/st;\n  \
          server {{ listen 127.0.0.1:{port} backlog=4096; root {p}/www; }}\n}}\n"
     );
-    let cfg = prefix.join("nginx.conf");
-    std::fs::write(&cfg, c)?;
-    let args = [
-        "-p",
-        &p.to_string(),
-        "-e",
-        &format!("{p}/error.log"),
-        "-c",
-        &cfg.display().to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut pr = Proc::spawn("nginx http", Some(cpus), "nginx", &args)?;
-    pr.wait_ports(&[port], Duration::from_secs(5))?;
-    Ok(pr)
+    crate::peers::nginx::run("nginx http", cpus, &prefix, &c, &[port])
 }
 
 /// Our idle server in its own process (its 10,000 sockets need their own

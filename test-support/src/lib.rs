@@ -7,6 +7,10 @@
 //! - [`stats`]: reading the proxy's `stats` log lines (`key=value` fields);
 //! - [`h2cut`]: a TCP proxy in front of a gRPC server (etcd) that cuts the connection just
 //!   before the client's n-th call, to make a between-two-calls failure certain;
+//! - [`pki`]: a CA and the certificates it signs (TLS server on 127.0.0.1, TLS client), made
+//!   with `openssl` in a directory of the caller's;
+//! - [`netns`]: a private network namespace for the calling thread (loopback only, its own TCP
+//!   sysctls), which the kernel removes with the test;
 //! - [`seccomp`]: filters that make chosen syscalls fail with EPERM in a child process, the way
 //!   Docker's default profile refuses io_uring and bpf, built with the `seccompiler` crate.
 //!
@@ -15,6 +19,8 @@
 
 pub mod h2cut;
 pub mod net;
+pub mod netns;
+pub mod pki;
 pub mod seccomp;
 pub mod stats;
 pub mod stream;

@@ -3,9 +3,12 @@
 //! A test that sleeps a fixed time and then looks is both slow (the sleep is sized for the worst
 //! machine) and flaky (the worst machine is sometimes worse). Polling a condition returns as
 //! soon as it holds, and the timeout only bounds a failure. Every wait in the tests and test
-//! tools goes through [`poll`], the only loop here: it checks at once, then after a backoff
-//! that grows from 1 ms to [`POLL`], and once more at the deadline. Its callers name what they
-//! wait for, so a timeout says which condition never came:
+//! tools goes through one loop (`checks`): it checks at once, then after a backoff that grows
+//! from 1 ms to [`POLL`], and once more at the deadline. That loop is written once for both
+//! ways to pause: it is an `async fn` that awaits whatever pause it is given, so [`poll`] hands
+//! it a blocking `thread::sleep` (its future then never waits, and one poll of it runs the whole
+//! wait) and `poll_async` hands it `tokio::time::sleep`. Its callers name what they wait for,
+//! so a timeout says which condition never came:
 //!
 //! - [`poll`]: until a closure gives `Some(value)`; `Err(TimedOut)` names the wait;
 //! - [`until`]: until a condition holds, panicking with its name otherwise (most tests);
@@ -14,6 +17,9 @@
 //!   the tasks that make the condition true.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -74,12 +80,13 @@ fn timed_out(what: &str, after: Duration) -> TimedOut {
     }
 }
 
-/// Call `f` until it returns `Some` (its value is returned), for up to `timeout` (and once
-/// more at the end); `what` names the wait in the error.
-pub fn poll<T>(
+/// The loop of every wait: call `f` until it returns `Some`, on the schedule, pausing with
+/// `pause` between two checks.
+async fn checks<T, P: Future<Output = ()>>(
     timeout: Duration,
     what: &str,
     mut f: impl FnMut() -> Option<T>,
+    mut pause: impl FnMut(Duration) -> P,
 ) -> Result<T, TimedOut> {
     let mut s = Schedule::new(timeout);
     loop {
@@ -87,9 +94,24 @@ pub fn poll<T>(
             return Ok(v);
         }
         match s.next() {
-            Some(p) => thread::sleep(p),
+            Some(p) => pause(p).await,
             None => return Err(timed_out(what, timeout)),
         }
+    }
+}
+
+/// Call `f` until it returns `Some` (its value is returned), for up to `timeout` (and once
+/// more at the end); `what` names the wait in the error.
+pub fn poll<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> Result<T, TimedOut> {
+    // The pauses block and are ready at once, so the wait runs to its end in one poll.
+    let blocking = |p| {
+        thread::sleep(p);
+        std::future::ready(())
+    };
+    let wait = pin!(checks(timeout, what, f, blocking));
+    match wait.poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(r) => r,
+        Poll::Pending => unreachable!("a wait whose pauses block never pends"),
     }
 }
 
@@ -99,18 +121,9 @@ pub fn poll<T>(
 pub async fn poll_async<T>(
     timeout: Duration,
     what: &str,
-    mut f: impl FnMut() -> Option<T>,
+    f: impl FnMut() -> Option<T>,
 ) -> Result<T, TimedOut> {
-    let mut s = Schedule::new(timeout);
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        match s.next() {
-            Some(p) => tokio::time::sleep(p).await,
-            None => return Err(timed_out(what, timeout)),
-        }
-    }
+    checks(timeout, what, f, tokio::time::sleep).await
 }
 
 /// Wait up to `timeout` for `cond`; panic naming `what` if it never holds.
@@ -152,6 +165,32 @@ mod tests {
         let e = poll::<()>(Duration::from_millis(30), "the impossible", || None).unwrap_err();
         assert_eq!(e.what, "the impossible");
         assert!(e.to_string().contains("waiting for the impossible"), "{e}");
+    }
+
+    /// On a one-thread runtime the task that makes the condition true runs only while the wait
+    /// pauses: a wait that blocked the thread would time out.
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn poll_async_pauses_without_blocking_the_runtime() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let set = done.clone();
+        let (v, e) = rt.block_on(async move {
+            tokio::spawn(async move { set.store(true, Ordering::SeqCst) });
+            let v = poll_async(Duration::from_secs(5), "the task to run", || {
+                done.load(Ordering::SeqCst).then_some(7)
+            })
+            .await;
+            let e = poll_async::<()>(Duration::from_millis(30), "never", || None).await;
+            (v, e)
+        });
+        assert_eq!(v, Ok(7));
+        assert_eq!(e.unwrap_err().what, "never");
     }
 
     #[test]

@@ -17,6 +17,22 @@ pub use ambassador_test_support::free_port;
 #[allow(unused_imports)] // each test binary uses some of them
 pub use ambassador_test_support::stream::{Stream, check_stream, send_stream};
 
+/// Run `ambassador <args>` to completion with exactly `env` (nothing of the
+/// test's own environment): (exit code, -1 if killed by a signal; stdout; stderr).
+pub fn run_with_env(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run ambassador");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running ambassador. Killed on drop; its log is kept for assertions.
 pub struct Proxy {
     pub child: Child,

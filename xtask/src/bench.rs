@@ -20,7 +20,7 @@ mod discovery;
 mod gateway;
 mod pki;
 
-use crate::util::{apt_install, root, run as run_cmd};
+use crate::util::{apt_install, release_binary, root, run as run_cmd};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
@@ -181,23 +181,7 @@ fn discovery(scale: discovery::Scale) -> Result<()> {
 /// Install what is missing and find (or build) the ambassador binary.
 fn prepare() -> Result<PathBuf> {
     apt_install(BENCH_PACKAGES)?;
-    let root = root();
-    if let Some(b) = std::env::var_os("AMBASSADOR_BIN") {
-        let b = PathBuf::from(b);
-        anyhow::ensure!(b.exists(), "AMBASSADOR_BIN={} does not exist", b.display());
-        return Ok(b);
-    }
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "ambassador",
-    ]))?;
-    // Where cargo put it: $CARGO_TARGET_DIR when set (relative to the root), else target/.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|d| root.join(d))
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/ambassador"))
+    release_binary()
 }
 
 fn harness(bin: &std::path::Path, extra: &[String]) -> Result<()> {

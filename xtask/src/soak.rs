@@ -45,14 +45,13 @@ mod proxy;
 mod script;
 mod stream;
 
-use crate::util::{root, run as run_cmd};
+use crate::util::{release_binary, root, run as run_cmd, target_dir};
 use anyhow::{Context, Result, bail};
 use conn::{Done, Fail, Moved};
 use proxy::{Config, Hog, Proxy, ProxyStats, Stopped};
 use script::Script;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -141,7 +140,7 @@ pub fn run(a: Args) -> Result<()> {
         a.minutes > 0.0 && a.clients > 0,
         "--minutes and --clients must be > 0"
     );
-    let bin = binary()?;
+    let bin = release_binary()?;
     let seed = a.seed.unwrap_or_else(random_seed);
     let per = Duration::from_secs_f64(a.minutes * 60.0 / a.configs.len() as f64);
     let _hog = a.hog.then(Hog::start).transpose()?;
@@ -220,7 +219,7 @@ fn rerun_in_release(a: &Args) -> Option<Result<()>> {
         return None;
     }
     Some(run_cmd(
-        Command::new(root.join("target/release/xtask"))
+        Command::new(target_dir().join("release/xtask"))
             .arg("soak")
             .args(a.to_args())
             .env(IN_RELEASE, "1"),
@@ -249,23 +248,6 @@ fn random_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     stream::mix(t ^ u64::from(std::process::id()))
-}
-
-/// `$AMBASSADOR_BIN`, or build the release binary.
-fn binary() -> Result<PathBuf> {
-    if let Some(b) = std::env::var_os("AMBASSADOR_BIN") {
-        let b = PathBuf::from(b);
-        anyhow::ensure!(b.exists(), "AMBASSADOR_BIN={} does not exist", b.display());
-        return Ok(b);
-    }
-    let root = root();
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "ambassador",
-    ]))?;
-    Ok(root.join("target/release/ambassador"))
 }
 
 /// One config's run.

@@ -1,5 +1,6 @@
 //! Small helpers shared by the xtask commands: run a command loudly, find the
-//! workspace root, install Debian packages that are missing.
+//! workspace root, install Debian packages that are missing, find (or build)
+//! the release ambassador binary.
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -11,6 +12,31 @@ pub fn root() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// The ambassador binary to drive: `$AMBASSADOR_BIN` (which must exist), else
+/// `cargo build --release -p ambassador` and the binary it made (in
+/// [`target_dir`]).
+pub fn release_binary() -> Result<PathBuf> {
+    if let Some(b) = std::env::var_os("AMBASSADOR_BIN") {
+        let b = PathBuf::from(b);
+        anyhow::ensure!(b.exists(), "AMBASSADOR_BIN={} does not exist", b.display());
+        return Ok(b);
+    }
+    let root = root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "ambassador"]))?;
+    Ok(target_dir().join("release/ambassador"))
+}
+
+/// Where cargo puts what it builds: `$CARGO_TARGET_DIR` when set (relative to
+/// the root), else `target/` in the root.
+pub fn target_dir() -> PathBuf {
+    let root = root();
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| root.join(d))
+        .unwrap_or_else(|| root.join("target"))
 }
 
 /// Run `cmd`, echoing it first; fail with its exit status.

@@ -1,5 +1,6 @@
 //! nginx stream proxy, `worker_processes N` (1, or 2 in the two-CPU pass), our
-//! own config and prefix (Debian's stream module loaded explicitly).
+//! own config and prefix (Debian's stream module loaded explicitly); [`run`]
+//! starts any nginx config (the HTTP server of `servers.rs` too).
 
 use crate::peers::Fwd;
 use crate::sys::Proc;
@@ -26,8 +27,17 @@ pub fn start(cpus: &str, workers: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc>
         );
     }
     c.push_str("}\n");
+    let ports: Vec<u16> = fwds.iter().map(|f| f.listen).collect();
+    run("nginx", cpus, &prefix, &c, &ports)
+}
+
+/// Write `conf` to `PREFIX/nginx.conf` and run nginx on it in the foreground
+/// (prefix and error log in `prefix`, pinned to `cpus`), named `name` in the
+/// harness's messages; ready once every one of `ports` accepts.
+pub fn run(name: &str, cpus: &str, prefix: &Path, conf: &str, ports: &[u16]) -> Result<Proc> {
+    let p = prefix.display();
     let cfg = prefix.join("nginx.conf");
-    std::fs::write(&cfg, c)?;
+    std::fs::write(&cfg, conf)?;
     let args = [
         "-p",
         &p.to_string(),
@@ -38,10 +48,7 @@ pub fn start(cpus: &str, workers: u32, fwds: &[Fwd], dir: &Path) -> Result<Proc>
     ]
     .map(String::from)
     .to_vec();
-    let mut pr = Proc::spawn("nginx", Some(cpus), "nginx", &args)?;
-    pr.wait_ports(
-        &fwds.iter().map(|f| f.listen).collect::<Vec<_>>(),
-        Duration::from_secs(5),
-    )?;
+    let mut pr = Proc::spawn(name, Some(cpus), "nginx", &args)?;
+    pr.wait_ports(ports, Duration::from_secs(5))?;
     Ok(pr)
 }

@@ -486,11 +486,14 @@ fn out_of_descriptors_stops_accepting_and_resumes(mode: &str) {
     );
     let served = p.stat("conns_total").unwrap() as usize;
     // The check is exact (free descriptors minus the upstream sockets still
-    // to come), so exactly SERVE clients fit, whatever the timing.
-    assert_eq!(
-        served as u64,
-        SERVE,
-        "{mode}: base {base} descriptors, limit {limit}, held {held:?}: {}",
+    // to come), so at least SERVE clients fit and the rest wait. Not "exactly":
+    // a descriptor the engine held when the table was read may close later
+    // and make room for one more (seen once in CI with sockmap). Accepting a
+    // client without room for its upstream socket is caught below instead
+    // (errors, "upstream connect failed").
+    assert!(
+        (SERVE..CLIENTS as u64).contains(&(served as u64)),
+        "{mode}: served {served}, want {SERVE}..{CLIENTS}: base {base} descriptors, limit {limit}, held {held:?}: {}",
         p.log()
     );
     assert_eq!(

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use ambassador_test_support::stream::{Stream as Prng, recv_stream, send_stream};
 use ambassador_test_support::{
-    free_port, poll_async, stat as stat_in, stats_line, until, wait_until,
+    free_port, poll, poll_async, stat as stat_in, stats_line, until, wait_until,
 };
 
 fn settings(idle: Option<Duration>) -> Settings {
@@ -749,6 +749,23 @@ impl Bin {
         // Safety: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.wait()
+    }
+
+    /// The binary's counters now: SIGUSR1, then the `stats` line it logs.
+    fn stats_now(&self) -> String {
+        let seen = self.log.lock().unwrap().matches(" stats ").count();
+        // Safety: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR1) };
+        poll(
+            Duration::from_secs(10),
+            "a stats line after SIGUSR1",
+            || {
+                let log = self.log.lock().unwrap();
+                (log.matches(" stats ").count() > seen)
+                    .then(|| stats_line(&log, "").unwrap().to_string())
+            },
+        )
+        .unwrap()
     }
 
     fn wait(&mut self) -> (Option<i32>, String) {
@@ -1590,6 +1607,96 @@ fn request_response_carries_many_backstops_in_the_kernel() {
     assert_eq!(rounds, ROUNDS, "the connection was cut: {log}");
     assert_eq!(code, Some(0), "{log}");
     assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
+    let n = ROUNDS * MSG as u64;
+    assert_eq!(stat(&log, "spliced_to_upstream"), n, "{log}");
+    assert_eq!(stat(&log, "spliced_to_client"), n, "{log}");
+    assert_eq!(stat(&log, "bytes_to_upstream"), 0, "{log}");
+    assert_eq!(stat(&log, "bytes_to_client"), 0, "{log}");
+}
+
+/// An idle spliced connection rests: it stops ticking (no conservation
+/// check runs while nothing moves), and the kernel program wakes it when
+/// bytes move again. The proof that the wake comes from the kernel: after
+/// the rest, request/response traffic carries twice the program's budget
+/// (`AMBASSADOR_SOCKMAP_BACKSTOP`, 32 MiB) in the kernel. Only a driver
+/// that is awake rolls the budget; one still resting (its safety tick is
+/// 30 s) would let the program pass bytes at 32 MiB, and the connection
+/// would stall and be reset. The FIN at the end reaches a connection that
+/// rests again (the watcher's RDHUP wakes it).
+#[test]
+fn idle_spliced_connection_rests_until_the_kernel_wakes_it() {
+    const MSG: usize = 64 << 10;
+    const BACKSTOP: u64 = 32 * MIB;
+    const ROUNDS: u64 = 2 * BACKSTOP / MSG as u64;
+    let upstream = server(|mut s| {
+        let mut b = vec![0u8; MSG];
+        while s.read_exact(&mut b).is_ok() {
+            if s.write_all(&b).is_err() {
+                return;
+            }
+        }
+        // EOF from the client (its FIN came through): answer with ours.
+        let _ = s.shutdown(Shutdown::Write);
+    });
+    let port = free_port();
+    let fwd = format!("127.0.0.1:{port}={upstream}");
+    let backstop = format!("AMBASSADOR_SOCKMAP_BACKSTOP={BACKSTOP}");
+    let bin = Bin::start(
+        &["env", &backstop],
+        &["--mode", "sockmap", "--splice", "always", "--forward", &fwd],
+        false,
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    echo_rounds(&mut s, 31, 1, MSG);
+    let rests = |st: &str| stat_in(st, "spliced_rests").unwrap();
+    let line = poll(
+        Duration::from_secs(10),
+        "the idle connection to rest",
+        || {
+            let st = bin.stats_now();
+            (rests(&st) == 1).then_some(st)
+        },
+    )
+    .unwrap();
+    let checks = stat_in(&line, "splice_checks").unwrap();
+    // Nothing moves, so a resting connection never ticks: an awake one
+    // checks at least every 500 ms, so 2 s would show four.
+    let ticked = wait_until(Duration::from_secs(2), || {
+        stat_in(&bin.stats_now(), "splice_checks").unwrap() != checks
+    });
+    assert!(!ticked, "a resting connection ran its checks");
+    let mut rounds = 1;
+    let (mut out, mut back) = (Prng::new(32), Prng::new(32));
+    let (mut b, mut want) = (vec![0u8; MSG], vec![0u8; MSG]);
+    while rounds < ROUNDS {
+        out.fill(&mut b);
+        if s.write_all(&b).is_err() || s.read_exact(&mut b).is_err() {
+            break;
+        }
+        back.fill(&mut want);
+        assert!(b == want, "pong {rounds} differs from what was sent");
+        rounds += 1;
+    }
+    assert_eq!(
+        rounds,
+        ROUNDS,
+        "the connection was cut: {}",
+        bin.stats_now()
+    );
+    until(
+        Duration::from_secs(10),
+        "the connection to rest again",
+        || rests(&bin.stats_now()) == 2,
+    );
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(s.read(&mut b).unwrap(), 0, "the upstream's FIN came back");
+    drop(s);
+    bin.wait_relays_end(port, upstream);
+    let (code, log) = bin.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
+    assert!(stat(&log, "spliced_wakes") >= 1, "{log}");
     let n = ROUNDS * MSG as u64;
     assert_eq!(stat(&log, "spliced_to_upstream"), n, "{log}");
     assert_eq!(stat(&log, "spliced_to_client"), n, "{log}");

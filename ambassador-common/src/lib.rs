@@ -10,7 +10,8 @@
 //! - `VERDICT[src]` = the socket itself (SOCKHASH, verdict program attached)
 //! - `STATS[src]`   = [`DirStats`], written only by the program
 //! - `CTRL[src]`    = [`DirCtrl`], written only by userspace
-//! - `EVENTS`       = ring buffer of cookies that just started passing
+//! - `EVENTS`       = ring buffer of cookies that need userspace now
+//!   (a direction started passing, or a resting one moved again)
 //!
 //! Splitting the counters (kernel-written) from the controls (user-written)
 //! keeps each map single-writer: the verdict for one socket always runs under
@@ -28,7 +29,8 @@ pub const MAP_STATS: &str = "STATS";
 /// HASH: source cookie -> [`DirCtrl`].
 pub const MAP_CTRL: &str = "CTRL";
 /// RINGBUF: the source cookie (u64), pushed when a direction switches from
-/// redirecting to passing, so userspace wakes up at once (no polling).
+/// redirecting to passing, or when its redirected count crosses
+/// `DirCtrl::wake`, so userspace wakes up at once (no polling).
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Size of `EVENTS` in bytes (a record is 16 bytes: 8 header + 8 cookie).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -95,9 +97,15 @@ pub const SEQ_UNAVAILABLE: u32 = 2;
 /// `passed_bytes == forwarded && redirected_bytes + len <= limit`.
 /// Otherwise it returns `SK_PASS` (the bytes stay on the source socket,
 /// charged to its receive buffer) and the first time pushes the cookie to
-/// `EVENTS`. The engine sets `limit` to a backstop far above its own
-/// in-flight cap and leaves `forwarded` at 0: it takes a connection out of
-/// the kernel long before the program would pass (see `engine::sockmap`).
+/// `EVENTS`. The engine keeps `limit` as a rolling backstop far above its
+/// own in-flight cap (the bytes the destination took plus 2 GiB, see
+/// `engine/sockmap/budget.rs`) and leaves `forwarded` at 0: it takes a
+/// connection out of the kernel long before the program would pass.
+///
+/// `wake` lets an idle connection stop polling: the redirect that carries
+/// `redirected_bytes` past `wake` (from `<= wake` to `> wake`) pushes the
+/// cookie to `EVENTS`, once. The engine sets it to the count it last saw
+/// when it lets a connection rest, and to [`WAKE_NEVER`] otherwise.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirCtrl {
@@ -105,7 +113,12 @@ pub struct DirCtrl {
     pub limit: u64,
     /// Passed bytes userspace has read and completely written to the peer.
     pub forwarded: u64,
+    /// Push the cookie to `EVENTS` when `redirected_bytes` crosses this.
+    pub wake: u64,
 }
+
+/// `DirCtrl::wake` that never fires (no count exceeds it).
+pub const WAKE_NEVER: u64 = u64::MAX;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -17,6 +17,8 @@
 //!    receive buffer, charged to it, so TCP flow control pushes back. The
 //!    first pass pushes the cookie to `EVENTS` to wake userspace.
 //! 4. otherwise redirect to `PEERS[cookie]` (egress, flags 0) and count.
+//!    The redirect that carries the count past `CTRL.wake` pushes the
+//!    cookie to `EVENTS`: a resting connection's userspace wakes up.
 //!
 //! Before 3 and 4, an skb that starts before the end of the previous one
 //! (a partly old retransmission TCP queued whole: `tcp_read_skb` hands skbs
@@ -143,7 +145,12 @@ fn decide(ctx: &SkBuffContext, stats: &mut DirStats, cookie: &mut u64, keep: u64
     // key is missing (then the bytes are gone, so count it loudly). It only
     // records the target: the skb moves after the program returns, so a cut
     // made after this call is what the peer gets.
-    if PEERS.redirect_skb(ctx, cookie, 0) == SK_PASS as i64 {
+    if PEERS.redirect_skb(ctx, &mut *cookie, 0) == SK_PASS as i64 {
+        if stats.redirected_bytes <= ctrl.wake && stats.redirected_bytes + keep > ctrl.wake {
+            // A resting connection moved: wake userspace (a lost event is
+            // caught by its slow safety tick).
+            let _ = EVENTS.output::<u64>(cookie, 0);
+        }
         stats.redirected_bytes += keep;
         stats.redirected_segs += 1;
         SK_PASS

@@ -20,7 +20,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use ambassador_common::{
     DirCtrl, DirStats, GLOBAL_TRIM, MAP_CTRL, MAP_EVENTS, MAP_PEERS, MAP_STATS, MAP_VERDICT,
-    PROG_VERDICT, SEQ_TRACKING,
+    PROG_VERDICT, SEQ_TRACKING, WAKE_NEVER,
 };
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use aya::programs::SkSkb;
@@ -201,6 +201,7 @@ impl Splicer {
         let ctrl = DirCtrl {
             limit,
             forwarded: 0,
+            wake: WAKE_NEVER,
         };
         let mut step = 0;
         let r: Result<(), InsertError> = (|| {
@@ -377,14 +378,17 @@ impl Splicer {
         self.stats.get(&cookie, 0).map_err(map_io)
     }
 
-    /// Move the budget for bytes received on `cookie`'s socket to `limit`
-    /// (`forwarded` stays 0: this engine never copies passed bytes). The
-    /// update replaces the whole value at once; a verdict running meanwhile
-    /// sees the old limit or the new one.
-    pub fn set_limit(&mut self, cookie: u64, limit: u64) -> io::Result<()> {
+    /// Write the controls for bytes received on `cookie`'s socket: the
+    /// budget `limit`, and `wake`, the redirected count whose crossing
+    /// pushes the cookie to `EVENTS` ([`WAKE_NEVER`]: none). `forwarded`
+    /// stays 0: this engine never copies passed bytes. The update replaces
+    /// the whole value at once; a verdict running meanwhile sees the old
+    /// value or the new one.
+    pub fn set_ctrl(&mut self, cookie: u64, limit: u64, wake: u64) -> io::Result<()> {
         let ctrl = DirCtrl {
             limit,
             forwarded: 0,
+            wake,
         };
         self.ctrl.insert(cookie, ctrl, 0).map_err(map_io)
     }

@@ -225,6 +225,30 @@ pub fn render(forwards: &[ForwardEntry], engine: Option<&str>) -> String {
         ),
         (
             f.counter(
+                "ambassador_splice_checks_total",
+                "Byte-conservation checks of spliced connections (sockmap engine).",
+                &fw,
+            ),
+            |s| &s.splice_checks,
+        ),
+        (
+            f.counter(
+                "ambassador_spliced_rests_total",
+                "Times an idle spliced connection rested until the kernel woke it (sockmap engine).",
+                &fw,
+            ),
+            |s| &s.spliced_rests,
+        ),
+        (
+            f.counter(
+                "ambassador_spliced_wakes_total",
+                "Times the kernel program woke a resting spliced connection (sockmap engine).",
+                &fw,
+            ),
+            |s| &s.spliced_wakes,
+        ),
+        (
+            f.counter(
                 "ambassador_errors_total",
                 "Connections that ended in an error (no backend, reset, timeout).",
                 &fw,

@@ -35,6 +35,15 @@ pub struct ForwardStats {
     /// Connections the sockmap engine handed to the userspace path instead
     /// (map full, insert refused, policy).
     pub splice_fallbacks: AtomicU64,
+    /// Byte-conservation checks of spliced connections (one per tick of a
+    /// connection's driver, both halves).
+    pub splice_checks: AtomicU64,
+    /// Times a spliced connection went idle and rested: no tick until the
+    /// kernel program or an edge wakes it.
+    pub spliced_rests: AtomicU64,
+    /// Times the kernel program woke a resting spliced connection (bytes
+    /// moved again).
+    pub spliced_wakes: AtomicU64,
 }
 
 impl ForwardStats {
@@ -57,6 +66,9 @@ impl ForwardStats {
             integrity_resets = g(&self.integrity_resets),
             spliced_trimmed = g(&self.spliced_trimmed),
             splice_fallbacks = g(&self.splice_fallbacks),
+            splice_checks = g(&self.splice_checks),
+            spliced_rests = g(&self.spliced_rests),
+            spliced_wakes = g(&self.spliced_wakes),
             "stats"
         );
     }

@@ -38,6 +38,7 @@
 mod budget;
 mod half;
 mod leaving;
+mod rest;
 mod spliced;
 mod tuning;
 mod watcher;

@@ -3,28 +3,26 @@
 //! (forward a FIN, take the sockets out of the maps). It is the only place
 //! that touches the sockets of a spliced connection.
 //!
-//! Wake-ups: the watcher thread (RDHUP and errors), plus a tick that is
-//! fast while bytes move and backs off to [`TICK_SLOW`] when the connection
-//! is idle. Every tick checks byte conservation for both halves; a
-//! violation resets both sockets.
+//! Wake-ups: the watcher thread (RDHUP and errors, and the kernel
+//! program's `EVENTS`), plus a tick that is fast while bytes move and backs
+//! off when the connection is quiet; an idle connection rests, without a
+//! tick, until the kernel wakes it (`rest.rs`). Every tick checks byte
+//! conservation for both halves; a violation resets both sockets.
 
 use super::Sockmap;
 use super::budget::Budget;
 use super::half::{self, Half, Integrity, Move, Observed, Path, Route};
 use super::leaving;
-use super::watcher::Slot;
+use super::rest::{self, Pace, TICK_REST, Wait};
+use super::watcher::{EV_KERNEL, Slot};
 use crate::bpf;
 use crate::engine::Activity;
 use crate::metrics::ForwardStats;
+use ambassador_common::WAKE_NEVER;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-/// Tick while bytes move or an edge is pending.
-const TICK_FAST: Duration = Duration::from_millis(2);
-/// Slowest tick for an idle connection.
-const TICK_SLOW: Duration = Duration::from_millis(500);
 /// Names of the halves, for logs: half d reads socks[d], writes socks[1-d].
 pub const HALF_NAMES: [&str; 2] = ["client->server", "server->client"];
 
@@ -96,12 +94,16 @@ impl Spliced<'_> {
         let mut redirected_at_leave = [0u64; 2];
         let mut last = [0u64; 2];
         let mut last_taken = [0u64; 2];
-        let mut tick = TICK_FAST;
+        let mut pace = Pace::default();
+        let mut resting = false;
         loop {
             let ev = [
                 slot.events[0].swap(0, Ordering::AcqRel),
                 slot.events[1].swap(0, Ordering::AcqRel),
             ];
+            if std::mem::take(&mut resting) && ev.iter().any(|e| e & EV_KERNEL != 0) {
+                ForwardStats::add(&self.stats.spliced_wakes, 1);
+            }
             for (i, e) in ev.iter().enumerate() {
                 if e & (libc::EPOLLRDHUP as u32) != 0 {
                     self.halves[i].saw_rdhup();
@@ -116,6 +118,7 @@ impl Spliced<'_> {
                 }
             }
             let o = [self.observe(0)?, self.observe(1)?];
+            ForwardStats::add(&self.stats.splice_checks, 1);
             tracing::trace!(id = self.id, path = ?self.route.path(), fin = ?[self.halves[0].fin(), self.halves[1].fin()], ?o, "tick");
             let mut busy = false;
             for d in 0..2 {
@@ -135,16 +138,8 @@ impl Spliced<'_> {
             let hook = self
                 .leave_after
                 .is_some_and(|n| o[0].redirected + o[1].redirected >= n);
-            // Settled: the verdict has seen every byte TCP received (the FIN
-            // counts 1 once it arrived), or the half gets no verdict.
-            let settled = |d: usize| {
-                let fin = u64::from(self.halves[d].fin() != half::Fin::Open);
-                !self.in_verdict[d] || o[d].redirected + fin == o[d].received
-            };
-            match self
-                .route
-                .decide([&o[0], &o[1]], [settled(0), settled(1)], force || hook)
-            {
+            let settled = [self.settled(0, &o[0]), self.settled(1, &o[1])];
+            match self.route.decide([&o[0], &o[1]], settled, force || hook) {
                 Move::LeaveVerdict => {
                     self.leave_verdict()?;
                     for (r, cookie) in redirected_at_leave.iter_mut().zip(self.cookies) {
@@ -213,16 +208,59 @@ impl Spliced<'_> {
                 }
                 Path::Left => unreachable!("returned above"),
             }
-            tick = if busy {
-                TICK_FAST
-            } else {
-                (tick * 2).min(TICK_SLOW)
+            let settled = [self.settled(0, &o[0]), self.settled(1, &o[1])];
+            let restful = rest::restful(self.route.path(), [&o[0], &o[1]], settled);
+            let wait = match pace.next(busy, restful) {
+                Wait::Tick(t) => t,
+                Wait::Rest if self.arm(&o)? => {
+                    resting = true;
+                    ForwardStats::add(&self.stats.spliced_rests, 1);
+                    TICK_REST
+                }
+                // Bytes moved while arming: look again soon.
+                Wait::Rest => {
+                    pace.woken();
+                    continue;
+                }
             };
             tokio::select! {
-                () = slot.notify.notified() => tick = TICK_FAST,
-                () = tokio::time::sleep(tick) => {}
+                () = slot.notify.notified() => pace.woken(),
+                () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Settled: the verdict has seen every byte TCP received on half `d`'s
+    /// source (the FIN counts 1 once it arrived), or the half gets no
+    /// verdict.
+    fn settled(&self, d: usize, o: &Observed) -> bool {
+        let fin = u64::from(self.halves[d].fin() != half::Fin::Open);
+        !self.in_verdict[d] || o.redirected + fin == o.received
+    }
+
+    /// Prepare a rest (`rest.rs`): write each half's redirected count as its
+    /// wake mark, take each socket's lock once (TCP_INFO: a verdict that
+    /// read the old controls has finished), then look again. True if
+    /// nothing moved, so from now on the program's next redirect on either
+    /// half pushes an event.
+    fn arm(&mut self, o: &[Observed; 2]) -> Result<bool, End> {
+        let marks = rest::marks([&o[0], &o[1]]);
+        for (d, &mark) in marks.iter().enumerate() {
+            if self.in_verdict[d] {
+                let limit = self.budget[d].limit();
+                self.sm
+                    .splicer
+                    .borrow_mut()
+                    .set_ctrl(self.cookies[d], limit, mark)?;
+            }
+        }
+        for s in self.socks {
+            bpf::bytes_received(s)?;
+        }
+        let again = [self.observe(0)?, self.observe(1)?];
+        let settled = [self.settled(0, &again[0]), self.settled(1, &again[1])];
+        Ok(rest::marks([&again[0], &again[1]]) == marks
+            && rest::restful(self.route.path(), [&again[0], &again[1]], settled))
     }
 
     /// The counters of half `d`, read in the order that makes the checks
@@ -271,7 +309,7 @@ impl Spliced<'_> {
             self.sm
                 .splicer
                 .borrow_mut()
-                .set_limit(self.cookies[d], limit)?;
+                .set_ctrl(self.cookies[d], limit, WAKE_NEVER)?;
         }
         Ok(())
     }

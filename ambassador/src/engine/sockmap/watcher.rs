@@ -3,8 +3,8 @@
 //! implicit) and edge-triggered, so it wakes at a connection's edges and
 //! never for the bytes the kernel moves. It also drains the `EVENTS` ring
 //! buffer, whose records name a socket whose verdict just started passing
-//! bytes (its backstop budget ran out), and wakes that connection's task
-//! at once.
+//! bytes (its backstop budget ran out) or that moved again after resting
+//! (`rest.rs`), and wakes that connection's task at once.
 
 use aya::maps::{MapData, RingBuf};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
-/// Extra bit in `Slot::events`: the program started passing bytes of this
-/// socket (an `EVENTS` record), so userspace has copying to do.
-pub const EV_PASS: u32 = 1 << 31;
+/// Extra bit in `Slot::events`: the kernel program pushed this socket's
+/// cookie to `EVENTS` (it started passing bytes, or a resting connection
+/// moved past its wake mark).
+pub const EV_KERNEL: u32 = 1 << 31;
 /// epoll token of the `EVENTS` ring buffer.
 const RING_TOKEN: u64 = u64::MAX;
 
@@ -83,7 +84,7 @@ impl Watcher {
                             if let Some(&(token, side)) =
                                 slots.by_cookie.get(&u64::from_ne_bytes(b))
                             {
-                                wake(token, side, EV_PASS);
+                                wake(token, side, EV_KERNEL);
                             }
                         }
                     }

@@ -1704,6 +1704,73 @@ fn idle_spliced_connection_rests_until_the_kernel_wakes_it() {
     assert_eq!(stat(&log, "bytes_to_client"), 0, "{log}");
 }
 
+/// A destination that stops reading costs no busy polling: the client
+/// writes until the proxy stops taking bytes (the connection is stalled in
+/// the kernel, or has left it and waits for the upstream to drain), and
+/// over the next 2 s the driver runs a few checks, not one every 2 ms (it
+/// ran about 1,000 there before, while leaving). Then the upstream reads:
+/// every byte arrives, in order, and the connection closes cleanly.
+#[test]
+fn stalled_destination_costs_no_busy_polling_and_resumes_byte_exact() {
+    const MAX: u64 = 64 * MIB;
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let (got_tx, got_rx) = std::sync::mpsc::channel();
+    let got_tx = Mutex::new(got_tx);
+    let upstream = server(move |mut s| {
+        if go_rx.lock().unwrap().recv().is_err() {
+            return;
+        }
+        let r = recv_stream(&mut s, 41);
+        let _ = got_tx.lock().unwrap().send(r.map_err(|e| e.to_string()));
+    });
+    let port = free_port();
+    let fwd = format!("127.0.0.1:{port}={upstream}");
+    let bin = Bin::start(
+        &[],
+        &["--mode", "sockmap", "--splice", "always", "--forward", &fwd],
+        false,
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // Write the stream until the proxy takes nothing for 1 s (bounded by MAX).
+    s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut out = Prng::new(41);
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut sent = 0u64;
+    let mut pending = 0;
+    while sent < MAX {
+        if pending == 0 {
+            out.fill(&mut chunk);
+            pending = chunk.len();
+        }
+        match s.write(&chunk[chunk.len() - pending..]) {
+            Ok(n) => {
+                pending -= n;
+                sent += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    assert!(sent < MAX, "the proxy took {MAX} bytes without a reader");
+    let checks = || stat_in(&bin.stats_now(), "splice_checks").unwrap();
+    let c0 = checks();
+    let polled = wait_until(Duration::from_secs(2), || checks() - c0 > 100);
+    assert!(!polled, "more than 100 checks in 2 s while stalled");
+    go_tx.send(()).unwrap();
+    s.set_write_timeout(None).unwrap();
+    s.write_all(&chunk[chunk.len() - pending..]).unwrap();
+    sent += pending as u64;
+    s.shutdown(Shutdown::Write).unwrap();
+    let got = got_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(got, Ok(sent), "the upstream got the stream exactly");
+    drop(s);
+    bin.wait_relays_end(port, upstream);
+    let (code, log) = bin.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
+}
+
 /// `rounds` round trips of `chunk` bytes each through an echo upstream,
 /// every byte checked: a deterministic stream from `seed` out, the same
 /// stream back.

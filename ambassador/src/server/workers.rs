@@ -63,12 +63,17 @@ pub(crate) struct Counts {
     pub conns_active: AtomicU64,
 }
 
-/// Marks a connection active on its worker for as long as it lives.
+/// Marks a connection active on its worker for as long as it lives. Its
+/// drop may give freed memory back to the kernel ([`super::memory`]): drop
+/// it once the connection's memory is freed, and before the forward stops
+/// counting the connection active, so that `conns_active=0` in a `stats`
+/// line means that every trim it asked for is done.
 pub(crate) struct Counted(Arc<Counts>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.conns_active.fetch_sub(1, Relaxed);
+        super::memory::closed();
     }
 }
 
@@ -85,6 +90,7 @@ impl Worker {
     pub fn count(&self) -> Counted {
         self.counts.conns_total.fetch_add(1, Relaxed);
         self.counts.conns_active.fetch_add(1, Relaxed);
+        super::memory::opened();
         Counted(self.counts.clone())
     }
 

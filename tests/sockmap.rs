@@ -109,6 +109,16 @@ struct Report {
 /// Run an in-process sockmap proxy in front of `upstream` while `scenario`
 /// (given the proxy's address) runs on its own thread; then wait for every
 /// connection to end and report.
+/// The engine in-process, for `capacity` connections (the other knobs from
+/// the environment, as in the binary).
+fn sockmap_engine(policy: SplicePolicy, capacity: u32, leave_after: Option<u64>) -> Sockmap {
+    let tuning = sockmap::Tuning {
+        capacity,
+        ..sockmap::Tuning::from_env().expect("AMBASSADOR_SOCKMAP_* parse")
+    };
+    Sockmap::with_tuning(policy, tuning, leave_after).expect("sockmap loads")
+}
+
 fn with_proxy<R: Send + 'static>(
     capacity: u32,
     idle: Option<Duration>,
@@ -139,8 +149,7 @@ fn with_proxy_policy<R: Send + 'static>(
         .unwrap();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let sm =
-            Rc::new(Sockmap::with_options(policy, capacity, leave_after).expect("sockmap loads"));
+        let sm = Rc::new(sockmap_engine(policy, capacity, leave_after));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel();
@@ -775,6 +784,17 @@ impl Bin {
     }
 }
 
+/// A test that fails leaves no proxy behind: kill and reap the binary if it
+/// still runs (`stop` and `wait` already reaped it otherwise).
+impl Drop for Bin {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The number after `key=` in the last `stats` line.
 fn stat(log: &str, key: &str) -> u64 {
     stat_in(stats_line(log, "").expect("a stats line"), key).unwrap()
@@ -1192,7 +1212,7 @@ fn integrity_check_resets_a_stream_the_kernel_duplicated() {
         .unwrap();
     let local = tokio::task::LocalSet::new();
     let (client, result, resets) = local.block_on(&rt, async move {
-        let sm = Rc::new(Sockmap::with_capacity(SplicePolicy::Always, 8).expect("sockmap loads"));
+        let sm = Rc::new(sockmap_engine(SplicePolicy::Always, 8, None));
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut a, caddr) = l.accept().unwrap();
@@ -1589,18 +1609,7 @@ fn request_response_carries_many_backstops_in_the_kernel() {
     );
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let (mut out, mut inp) = (Prng::new(21), Prng::new(22));
-    let (mut b, mut want) = (vec![0u8; MSG], vec![0u8; MSG]);
-    let mut rounds = 0;
-    while rounds < ROUNDS {
-        out.fill(&mut b);
-        if s.write_all(&b).is_err() || s.read_exact(&mut b).is_err() {
-            break;
-        }
-        inp.fill(&mut want);
-        assert!(b == want, "pong {rounds} differs from what was sent");
-        rounds += 1;
-    }
+    let rounds = request_response_rounds(&mut s, (21, 22), ROUNDS, MSG);
     drop(s);
     bin.wait_relays_end(port, upstream);
     let (code, log) = bin.stop();
@@ -1666,18 +1675,7 @@ fn idle_spliced_connection_rests_until_the_kernel_wakes_it() {
         stat_in(&bin.stats_now(), "splice_checks").unwrap() != checks
     });
     assert!(!ticked, "a resting connection ran its checks");
-    let mut rounds = 1;
-    let (mut out, mut back) = (Prng::new(32), Prng::new(32));
-    let (mut b, mut want) = (vec![0u8; MSG], vec![0u8; MSG]);
-    while rounds < ROUNDS {
-        out.fill(&mut b);
-        if s.write_all(&b).is_err() || s.read_exact(&mut b).is_err() {
-            break;
-        }
-        back.fill(&mut want);
-        assert!(b == want, "pong {rounds} differs from what was sent");
-        rounds += 1;
-    }
+    let rounds = 1 + request_response_rounds(&mut s, (32, 32), ROUNDS - 1, MSG);
     assert_eq!(
         rounds,
         ROUNDS,
@@ -1690,7 +1688,11 @@ fn idle_spliced_connection_rests_until_the_kernel_wakes_it() {
         || rests(&bin.stats_now()) == 2,
     );
     s.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(s.read(&mut b).unwrap(), 0, "the upstream's FIN came back");
+    assert_eq!(
+        s.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "the upstream's FIN came back"
+    );
     drop(s);
     bin.wait_relays_end(port, upstream);
     let (code, log) = bin.stop();
@@ -1769,6 +1771,29 @@ fn stalled_destination_costs_no_busy_polling_and_resumes_byte_exact() {
     let (code, log) = bin.stop();
     assert_eq!(code, Some(0), "{log}");
     assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
+}
+
+/// Up to `rounds` round trips of `msg` bytes: the stream from seed `up` goes
+/// out, the stream from seed `down` must come back, every byte checked.
+/// Returns the round trips completed before the connection was cut (a
+/// write or read error), so the caller's assertion can show the log.
+fn request_response_rounds(
+    s: &mut TcpStream,
+    (up, down): (u64, u64),
+    rounds: u64,
+    msg: usize,
+) -> u64 {
+    let (mut out, mut back) = (Prng::new(up), Prng::new(down));
+    let (mut b, mut want) = (vec![0u8; msg], vec![0u8; msg]);
+    for done in 0..rounds {
+        out.fill(&mut b);
+        if s.write_all(&b).is_err() || s.read_exact(&mut b).is_err() {
+            return done;
+        }
+        back.fill(&mut want);
+        assert!(b == want, "pong {done} differs from what was sent");
+    }
+    rounds
 }
 
 /// `rounds` round trips of `chunk` bytes each through an echo upstream,

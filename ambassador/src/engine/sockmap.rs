@@ -166,26 +166,10 @@ impl Sockmap {
         self.splicer.borrow().trims().map_err(str::to_string)
     }
 
-    /// [`Sockmap::start`] with an explicit policy and capacity (connections).
-    pub fn with_capacity(policy: SplicePolicy, capacity: u32) -> Result<Sockmap, String> {
-        Self::with_options(policy, capacity, None)
-    }
-
-    /// [`Sockmap::with_capacity`], and every connection leaves the kernel
-    /// once it redirected `leave_after` bytes (for tests of that path).
-    pub fn with_options(
-        policy: SplicePolicy,
-        capacity: u32,
-        leave_after: Option<u64>,
-    ) -> Result<Sockmap, String> {
-        let tuning = Tuning {
-            capacity,
-            ..Tuning::from_env()?
-        };
-        Self::with_tuning(policy, tuning, leave_after)
-    }
-
-    /// The engine with explicit [`Tuning`] (and the `leave_after` test hook).
+    /// The engine with an explicit policy and [`Tuning`] (tests build one
+    /// with `Tuning { capacity, ..Tuning::from_env()? }`), and the
+    /// `leave_after` test hook: every connection leaves the kernel once it
+    /// redirected that many bytes.
     pub fn with_tuning(
         policy: SplicePolicy,
         tuning: Tuning,

@@ -46,9 +46,9 @@ fn both_workers_serve(mode: &str) {
     // The last connection's counters land when its task ends.
     assert!(
         wait_until(10, || {
-            p.signal(libc::SIGUSR1);
-            thread::sleep(Duration::from_millis(50));
-            p.stat("conns_active") == Some(0) && p.stat("conns_total") == Some(CLIENTS)
+            p.stats_now()
+                && p.stat("conns_active") == Some(0)
+                && p.stat("conns_total") == Some(CLIENTS)
         }),
         "{}",
         p.log()
@@ -72,6 +72,8 @@ fn limit_is_global(mode: &str) {
     let p = Proxy::forward(mode, &target, &["--workers", "2", "--max-conns", "2"]);
     let mut clients: Vec<_> = (0..5).map(|_| p.connect()).collect();
     assert!(wait_until(5, || accepted.load(SeqCst) >= 2), "{}", p.log());
+    // Not a synchronisation: no event says "the proxy did not accept"; this
+    // is the time a wrong accept gets to show before the check below.
     thread::sleep(Duration::from_millis(500));
     assert_eq!(accepted.load(SeqCst), 2, "two slots for both workers");
     for admitted in 3..=5 {
@@ -84,6 +86,7 @@ fn limit_is_global(mode: &str) {
             "{}",
             p.log()
         );
+        // As above: the time an extra admission gets to show.
         thread::sleep(Duration::from_millis(300));
         assert_eq!(accepted.load(SeqCst), admitted, "{}", p.log());
     }

@@ -153,6 +153,15 @@ impl Proxy {
         })
     }
 
+    /// SIGUSR1, then wait (bounded) for the `stats` line it logs: [`Proxy::stat`]
+    /// reads the counters of that moment afterwards. False if none came.
+    #[allow(dead_code)] // each test binary uses some of them
+    pub fn stats_now(&self) -> bool {
+        let seen = self.log_count(" stats ");
+        self.signal(libc::SIGUSR1);
+        wait_until(10, || self.log_count(" stats ") > seen)
+    }
+
     /// How many times `needle` occurs in the log.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log().matches(needle).count()

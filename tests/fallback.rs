@@ -65,29 +65,27 @@ fn ping(p: &Proxy) {
     assert_eq!(&b, b"ping");
 }
 
-/// With every privilege sockmap starts and its kernel program cuts repeated
-/// bytes, but `auto` does not choose it yet (the guest soak found a stall
-/// not yet explained) and says so; uring is next.
+/// With every privilege sockmap starts, its kernel program cuts repeated
+/// bytes, and `auto` chooses it (one worker, said in the log) and forwards.
 #[test]
-fn auto_probes_sockmap_but_does_not_choose_it_yet() {
+fn auto_chooses_sockmap_where_it_cuts_repeated_bytes() {
     let p = start("auto", false, false).expect("starts");
     let log = p.log();
     assert!(
         log.contains("skbs that repeat bytes already spliced are cut in the kernel"),
         "{log}"
     );
-    assert_auto_skipped(
-        &p,
-        "sockmap",
-        &["not chosen by auto yet", "--mode sockmap"],
-        "uring",
+    assert!(!log.contains("engine skipped"), "{log}");
+    assert!(
+        log.contains("engine chosen engine=sockmap mode=auto"),
+        "{log}"
     );
+    ping(&p);
 }
 
 /// With CAP_BPF and CAP_NET_ADMIN but neither CAP_PERFMON nor CAP_SYS_ADMIN
-/// the program loads without the cut: `auto` does not choose it (nor will
-/// it once the hold above is lifted), says why and how to opt in, and takes
-/// uring.
+/// the program loads without the cut: `auto` does not choose it, says why
+/// and how to opt in, and takes uring.
 #[test]
 fn auto_skips_sockmap_that_cannot_cut_repeated_bytes() {
     let echo = echo_server();

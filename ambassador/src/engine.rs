@@ -162,30 +162,22 @@ pub fn auto_skips_sockmap(why: &str) -> String {
     )
 }
 
-/// Why `--mode auto` does not pick a sockmap engine that could cut repeated
-/// bytes either, for now: the stall the guest soak found in the leave path
-/// is fixed and made certain by a test, but no long guest soak has run on
-/// the fix yet.
-pub const AUTO_HOLDS_SOCKMAP: &str = "works here, but not chosen by auto yet: the leave-path \
-     stall the 6.12 guest soak found is fixed (docs/sockmap.md, \"A deadlock in the leave path\") \
-     but not yet confirmed by a long guest soak; use --mode sockmap to opt in";
-
 /// The engine for `settings.mode`. `auto` tries sockmap, uring, epoll in that
 /// order and logs why each skipped engine could not start; an explicit mode
 /// returns its reason as the error.
 pub fn select(settings: &Settings) -> Result<Engine, String> {
     let mode = settings.mode;
     let try_sockmap = || sockmap::Sockmap::start(settings).map(|s| Engine::Sockmap(Rc::new(s)));
-    // `auto` may choose sockmap only where it is safe as well as fast: where
+    // `auto` chooses sockmap only where it is safe as well as fast: where
     // the kernel program cuts the repeated bytes of partly old
     // retransmissions (needs CAP_PERFMON or CAP_SYS_ADMIN and the skb layout
-    // the start-up self-test checks). And not yet anywhere: see
-    // AUTO_HOLDS_SOCKMAP. `--mode sockmap` opts in explicitly.
+    // the start-up self-test checks). `--mode sockmap` opts in without it.
     let auto_sockmap = || -> Result<Engine, String> {
-        if let Engine::Sockmap(s) = try_sockmap()? {
+        let engine = try_sockmap()?;
+        if let Engine::Sockmap(s) = &engine {
             s.trims().map_err(|why| auto_skips_sockmap(&why))?;
         }
-        Err(AUTO_HOLDS_SOCKMAP.to_string())
+        Ok(engine)
     };
     let try_uring = || uring::probe().map(|()| Engine::Uring);
     let engine = match mode {

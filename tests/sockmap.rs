@@ -179,8 +179,8 @@ fn with_proxy_policy<R: Send + 'static>(
                         let conn = Conn {
                             id,
                             forward: "test".into(),
-                            client: c.into_std().unwrap(),
-                            upstream: up.into_std().unwrap(),
+                            client: c.into_std().unwrap().into(),
+                            upstream: up.into(),
                             client_addr: caddr,
                             upstream_addr: upstream,
                             stats,
@@ -1232,8 +1232,8 @@ fn integrity_check_resets_a_stream_the_kernel_duplicated() {
         let conn = Conn {
             id: 1,
             forward: "test".into(),
-            client: a,
-            upstream: up,
+            client: a.into(),
+            upstream: up.into(),
             client_addr: caddr,
             upstream_addr: upstream,
             stats: Arc::new(ForwardStats::default()),
@@ -1452,8 +1452,8 @@ fn adaptive_copy_loop_finishes_after_a_half_close_and_a_pause_request() {
     let conn = Conn {
         id: 1,
         forward: "test".into(),
-        client: c,
-        upstream: up,
+        client: c.into(),
+        upstream: up.into(),
         client_addr: caddr,
         upstream_addr: upstream,
         stats: Arc::new(ForwardStats::default()),

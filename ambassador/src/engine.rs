@@ -31,28 +31,32 @@
 //! an error, never a silent fallback.
 
 pub mod epoll;
+mod side;
 pub mod sockmap;
 pub mod uring;
+
+pub use side::Side;
 
 use crate::config::{Mode, Settings};
 use crate::metrics::ForwardStats;
 use std::cell::Cell;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One proxied connection, ready for an engine: the accepted client socket
-/// and the connected upstream socket (both non-blocking), with what the
-/// engine needs to log and count.
+/// and the connected upstream socket (both non-blocking; see [`Side`] for
+/// which reactor, if any, each is registered with), with what the engine
+/// needs to log and count.
 pub struct Conn {
     /// Process-unique connection number, for logs.
     pub id: u64,
     /// The forward's source (variable or flag), for logs.
     pub forward: Arc<str>,
-    pub client: TcpStream,
-    pub upstream: TcpStream,
+    pub client: Side,
+    pub upstream: Side,
     pub client_addr: SocketAddr,
     pub upstream_addr: SocketAddr,
     pub stats: Arc<ForwardStats>,

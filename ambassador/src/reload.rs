@@ -36,7 +36,7 @@ use crate::config::{Backends, Forward, Settings, Target};
 use crate::discovery::etcd::{Starter, Update, Watcher};
 use crate::loops::Origin;
 use crate::metrics::ForwardStats;
-use crate::server::{Current, Fwd, Shared, accept_loop, bind};
+use crate::server::{Current, Fwd, Listener, Shared, accept_loop, bind};
 use crate::upstream::Upstreams;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,7 +44,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 /// How to build the configuration again, and the file to watch.
@@ -241,7 +240,7 @@ impl Live {
 
     /// Start serving `forward` on its bound `listener`; `etcd`: its
     /// watcher and first set, for a forward from etcd.
-    pub fn start(&mut self, forward: Forward, listener: TcpListener, etcd: Option<Etcd>) {
+    pub fn start(&mut self, forward: Forward, listener: Listener, etcd: Option<Etcd>) {
         let stats = Arc::new(ForwardStats::default());
         let backends = match &etcd {
             Some(e) => e.backends.clone(),
@@ -355,7 +354,7 @@ impl Live {
         // Bind every new listener before changing anything.
         let mut bound = Vec::new();
         for f in &d.added {
-            let l = bind(f.listen).and_then(TcpListener::from_std);
+            let l = bind(f.listen).and_then(Listener::from_std);
             match l {
                 Ok(l) => bound.push(l),
                 Err(e) => {

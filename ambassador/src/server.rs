@@ -22,7 +22,8 @@
 //!    resolved again for every connection) within `--connect-timeout`; if
 //!    no backend answers the client is closed at once and one warning names
 //!    both addresses;
-//! 5. set TCP_NODELAY on both sockets and hand them to the engine.
+//! 5. set TCP_NODELAY on the upstream socket (the client has it from the
+//!    listener, see `server/listener.rs`) and hand both to the engine.
 //!
 //! A forward whose backends come from etcd gets each new set from its
 //! watcher thread over a channel; the main loop applies it like a reload
@@ -40,6 +41,7 @@
 //!   [`crate::reload`]), or logs that there is nothing to reload.
 
 mod fds;
+mod listener;
 mod memory;
 mod workers;
 
@@ -51,7 +53,8 @@ use crate::metrics::{ActiveGuard, ForwardStats};
 pub use crate::reload::Reloader;
 use crate::reload::{Etcd, Live};
 use crate::upstream::{AttemptError, Failure, Upstreams};
-use fds::{Backoff, FdBudget};
+use fds::{Backoff, FdBudget, Reserved, Spare};
+pub(crate) use listener::Listener;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
@@ -61,7 +64,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
 use workers::{Worker, Workers};
@@ -132,6 +135,9 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         // [::]:n and 0.0.0.0:n are separate forwards, as they are in the config.
         s.set_only_v6(true)?;
     }
+    // Every accepted client inherits it (see `server/listener.rs`);
+    // `handle` clears it again where `--nodelay` is off.
+    s.set_tcp_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
     s.set_nonblocking(true)?;
@@ -300,7 +306,7 @@ async fn serve(
     } = feeds;
     let mut live = Live::new(settings.clone(), shared.clone(), starter);
     for (forward, listener) in settings.forwards.iter().zip(listeners) {
-        let listener = TcpListener::from_std(listener).map_err(StartError::Runtime)?;
+        let listener = Listener::from_std(listener).map_err(StartError::Runtime)?;
         let etcd = started.remove(&forward.listen).map(Etcd::new);
         live.start(forward.clone(), listener, etcd);
     }
@@ -437,11 +443,26 @@ impl Fwd {
     }
 }
 
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
+/// The forward's accept loop. Its first upstream socket (see
+/// `server/fds.rs`) is made before this returns, so the descriptors the
+/// process holds once `ready` is logged include it.
+pub(crate) fn accept_loop(
+    listener: Listener,
+    fwd: Arc<Fwd>,
+    shared: Rc<Shared>,
+    stop: watch::Receiver<bool>,
+) -> impl Future<Output = ()> {
+    let family = fwd.current().upstreams.family();
+    let spare = family.and_then(|d| Spare::new(d).ok());
+    accepting(listener, fwd, shared, stop, spare)
+}
+
+async fn accepting(
+    listener: Listener,
     fwd: Arc<Fwd>,
     shared: Rc<Shared>,
     mut stop: watch::Receiver<bool>,
+    mut spare: Option<Spare>,
 ) {
     let max_conns = fwd.current().settings.max_conns;
     let slots = (max_conns > 0).then(|| Arc::new(Semaphore::new(max_conns)));
@@ -457,16 +478,15 @@ pub(crate) async fn accept_loop(
             },
             None => None,
         };
-        let accepted = next_client(&listener, &shared.fds, &source, &mut backoff, &mut stop).await;
+        let family = fwd.current().upstreams.family();
+        let room = Room {
+            budget: &shared.fds,
+            family,
+            spare: &mut spare,
+        };
+        let accepted = next_client(&listener, room, &source, &mut backoff, &mut stop).await;
         let Some((client, client_addr)) = accepted else {
             break;
-        };
-        let client = match client.into_std() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(forward = %source, error = %e, "cannot take the client socket from the reactor");
-                continue;
-            }
         };
         backoff.reset();
         shared.fds.accepted(&source);
@@ -474,7 +494,16 @@ pub(crate) async fn accept_loop(
             crate::engine::set_reset_on_close(&client);
             continue;
         }
-        let pending = shared.fds.pending();
+        let reserved = match spare.take() {
+            Some(s) => Reserved {
+                premade: Some(s),
+                pending: None,
+            },
+            None => Reserved {
+                premade: None,
+                pending: Some(shared.fds.pending()),
+            },
+        };
         let id = shared.ids.get() + 1;
         shared.ids.set(id);
         let (fwd, own) = (fwd.clone(), shared.own.clone());
@@ -497,7 +526,7 @@ pub(crate) async fn accept_loop(
                     &fwd,
                     conf,
                     (&own, &worker),
-                    pending,
+                    reserved,
                 )
                 .await;
                 // The connection's sockets and buffers are freed: first the
@@ -511,21 +540,55 @@ pub(crate) async fn accept_loop(
     tracing::debug!(forward = %source, "stopped accepting");
 }
 
+/// How the accept loop makes sure of a descriptor for the next client's
+/// upstream socket (see `server/fds.rs`).
+struct Room<'a> {
+    budget: &'a FdBudget,
+    /// The family of every backend's address, when there is one.
+    family: Option<socket2::Domain>,
+    /// The next connection's upstream socket, once made.
+    spare: &'a mut Option<Spare>,
+}
+
+impl Room<'_> {
+    /// Is there room for one more connection? With a known family this
+    /// makes the upstream socket now.
+    fn for_one(&mut self) -> bool {
+        let Some(domain) = self.family else {
+            *self.spare = None;
+            return self.budget.room_for_one();
+        };
+        if self.spare.as_ref().is_some_and(|s| s.domain != domain) {
+            *self.spare = None;
+        }
+        if self.spare.is_none() {
+            match Spare::new(domain) {
+                Ok(s) => *self.spare = Some(s),
+                Err(e) if fds::is_fd_exhaustion(&e) => return false,
+                // Not about descriptors (e.g. no IPv6 here): the connection
+                // makes its own socket and reports why that fails.
+                Err(_) => return self.budget.room_for_one(),
+            }
+        }
+        self.budget.room_for_pending()
+    }
+}
+
 /// The next client of `listener`, accepted only when there are descriptors
 /// for it and its upstream socket (see `server/fds.rs`); `None` once the
 /// drain starts.
 async fn next_client(
-    listener: &TcpListener,
-    budget: &FdBudget,
+    listener: &Listener,
+    mut room: Room<'_>,
     source: &str,
     backoff: &mut Backoff,
     stop: &mut watch::Receiver<bool>,
-) -> Option<(TcpStream, SocketAddr)> {
+) -> Option<(std::net::TcpStream, SocketAddr)> {
     loop {
         // The descriptor check runs right before each accept attempt
         // (inside the same poll), so nothing can take the room it saw.
         let attempt = std::future::poll_fn(|cx| {
-            if !budget.room_for_one() {
+            if !room.for_one() {
                 return Poll::Ready(Err(None));
             }
             listener.poll_accept(cx).map_err(Some)
@@ -537,14 +600,14 @@ async fn next_client(
         let wait = match result {
             Ok(c) => return Some(c),
             Err(None) => {
-                budget.exhausted(
+                room.budget.exhausted(
                     source,
                     "no descriptors left for a client and its upstream socket",
                 );
                 backoff.next()
             }
             Err(Some(e)) if fds::is_fd_exhaustion(&e) => {
-                budget.exhausted(source, &format!("accept: {e}"));
+                room.budget.exhausted(source, &format!("accept: {e}"));
                 backoff.next()
             }
             Err(Some(e)) => {
@@ -583,14 +646,14 @@ async fn handle(
     fwd: &Fwd,
     (upstreams, settings): (&Arc<Upstreams>, Arc<Settings>),
     (own, worker): (&Arc<OwnUpstreams>, &Worker),
-    pending: fds::Pending,
+    reserved: Reserved,
 ) {
     let (source, stats) = (&fwd.origin.source, &fwd.origin.stats);
     let settings = &settings;
     // Pick a backend and connect (retrying the next healthy one); the lease
-    // counts this connection against its backend until it ends. The fd
-    // reservation goes to the first socket made.
-    let pending = Rc::new(RefCell::new(Some(pending)));
+    // counts this connection against its backend until it ends. The
+    // reserved socket (or place in `pending`) goes to the first attempt.
+    let pending = Rc::new(RefCell::new(Some(reserved)));
     let attempt = |target: crate::config::Target| {
         let (own, origin, pending) = (own.clone(), fwd.origin.clone(), pending.clone());
         async move {
@@ -615,30 +678,26 @@ async fn handle(
             return;
         }
     };
-    let upstream = match upstream.into_std() {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(id, error = %e, "cannot take the upstream socket from the reactor");
-            return;
-        }
-    };
     if Abort::current().is_raised() {
         // Connected after the server gave up on live connections.
         crate::engine::set_reset_on_close(&client);
         crate::engine::set_reset_on_close(&upstream);
         return;
     }
+    // The client has TCP_NODELAY from the listener (see `bind`).
     if settings.nodelay {
-        let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
+    } else {
+        let _ = client.set_nodelay(false);
     }
     tracing::debug!(id, forward = %source, client = %client_addr, upstream = %upstream_addr, "connection open");
     let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
     let conn = Conn {
         id,
         forward: source.clone(),
-        client,
-        upstream,
+        client: client.into(),
+        // Still registered with this worker's reactor, where it connected.
+        upstream: upstream.into(),
         client_addr,
         upstream_addr,
         stats: stats.clone(),
@@ -674,7 +733,7 @@ async fn connect(
     target: &crate::config::Target,
     own: &Arc<OwnUpstreams>,
     origin: &Origin,
-    pending: &RefCell<Option<fds::Pending>>,
+    pending: &RefCell<Option<Reserved>>,
 ) -> Result<(TcpStream, SocketAddr, Registration), (io::Error, bool)> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
@@ -700,23 +759,31 @@ async fn connect(
 /// One non-blocking `connect(2)`. The socket is registered for the loop
 /// check with the table locked across the call, so the accept loop (on the
 /// first worker's thread) cannot check a client before its record is in
-/// (see [`OwnUpstreams::connect_registered`]); the descriptor reservation (`pending`) is
-/// released once the socket exists.
+/// (see [`OwnUpstreams::connect_registered`]). The first attempt uses the
+/// socket the accept loop made (when its family fits); the descriptor
+/// reservation is released once the socket exists.
 async fn connect_one(
     addr: SocketAddr,
     own: &Arc<OwnUpstreams>,
     origin: &Origin,
-    pending: &RefCell<Option<fds::Pending>>,
+    reserved: &RefCell<Option<Reserved>>,
 ) -> Result<(TcpStream, Registration), (io::Error, bool)> {
-    use socket2::{Domain, Socket, Type};
     let plain = |e: io::Error| (e, false);
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )
-    .map_err(plain)?;
-    pending.borrow_mut().take();
+    let domain = socket2::Domain::for_address(addr);
+    let (premade, pending) = match reserved.borrow_mut().take() {
+        Some(Reserved { premade, pending }) => (premade, pending),
+        None => (None, None),
+    };
+    let sock = match premade {
+        Some(premade) if premade.domain == domain => premade.socket,
+        // No socket yet, or one of the other family (dropped first).
+        other => {
+            drop(other);
+            Spare::new(domain).map_err(plain)?.socket
+        }
+    };
+    // The socket exists: its place in `pending` is free again.
+    drop(pending);
     let registration = own
         .connect_registered(addr, origin.clone(), || {
             match sock.connect(&addr.into()) {

@@ -171,6 +171,27 @@ impl Upstreams {
         ups
     }
 
+    /// The address family every backend's socket will have, when all of
+    /// them are IP addresses of one family (the accept loop then makes the
+    /// next upstream socket before it accepts, see `server.rs`); `None`
+    /// with a hostname (resolved per connection), mixed families or no
+    /// backend.
+    pub fn family(&self) -> Option<socket2::Domain> {
+        let v6 = |t: &Target| match t.host {
+            Host::Ip(ip) => Some(ip.is_ipv6()),
+            Host::Name(_) => None,
+        };
+        let first = v6(self.backends.first()?)?;
+        self.backends
+            .iter()
+            .all(|t| v6(t) == Some(first))
+            .then_some(if first {
+                socket2::Domain::IPV6
+            } else {
+                socket2::Domain::IPV4
+            })
+    }
+
     /// The forward's source (variable or flag), for logs.
     pub fn source(&self) -> Arc<str> {
         self.forward.clone()
@@ -354,4 +375,43 @@ async fn connect(target: &Target) -> io::Result<(TcpStream, SocketAddr)> {
         }
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Host;
+    use socket2::Domain;
+
+    fn family(hosts: &[&str]) -> Option<Domain> {
+        let backends = hosts
+            .iter()
+            .map(|h| Target {
+                host: h
+                    .parse()
+                    .map_or_else(|_| Host::Name(h.to_string()), Host::Ip),
+                port: 80,
+            })
+            .collect();
+        let ups = Upstreams {
+            forward: "test".into(),
+            pool: Mutex::new(Pool::new(hosts.len(), PoolConfig::default())),
+            stats: hosts
+                .iter()
+                .map(|_| Arc::new(BackendStats::new()))
+                .collect(),
+            backends,
+            retired: AtomicBool::new(false),
+        };
+        ups.family()
+    }
+
+    #[test]
+    fn family_is_known_only_when_every_backend_is_an_ip_of_one_family() {
+        assert_eq!(family(&["10.0.0.1", "10.0.0.2"]), Some(Domain::IPV4));
+        assert_eq!(family(&["::1"]), Some(Domain::IPV6));
+        assert_eq!(family(&["10.0.0.1", "::1"]), None);
+        assert_eq!(family(&["10.0.0.1", "db"]), None);
+        assert_eq!(family(&[]), None);
+    }
 }

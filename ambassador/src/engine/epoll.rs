@@ -233,8 +233,8 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         settings,
     } = conn;
     let abort = super::Abort::current();
-    let client = TcpStream::from_std(client)?;
-    let upstream = TcpStream::from_std(upstream)?;
+    let client = client.into_tokio()?;
+    let upstream = upstream.into_tokio()?;
     let activity = Activity::new();
     let pause = Pause::new(promote);
     let (up, down) = (&stats.bytes_to_upstream, &stats.bytes_to_client);
@@ -284,8 +284,10 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
             Conn {
                 id,
                 forward,
-                client: client.into_std()?,
-                upstream: upstream.into_std()?,
+                // Still registered: an engine that needs them plain
+                // (sockmap) takes them off the reactor itself.
+                client: client.into(),
+                upstream: upstream.into(),
                 client_addr,
                 upstream_addr,
                 stats,

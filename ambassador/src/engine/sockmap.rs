@@ -47,8 +47,8 @@ pub use budget::Budget;
 pub use half::{Fin, Half, Integrity, Move, Observed, Path, Plan, Route};
 pub use tuning::Tuning;
 
-use super::Conn;
 use super::epoll::{Outcome, Promote};
+use super::{Conn, Side};
 use crate::bpf::{self, Sock, Splicer};
 use crate::config::{Settings, SplicePolicy};
 use crate::metrics::ForwardStats;
@@ -304,7 +304,15 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
         );
         return super::epoll::relay(conn).await;
     }
-    let socks = [&conn.client, &conn.upstream];
+    // Off any reactor: from here the kernel moves the bytes, and only the
+    // watcher thread polls these sockets.
+    let mut conn = conn;
+    conn.client = Side::Plain(conn.client.into_std()?);
+    conn.upstream = Side::Plain(conn.upstream.into_std()?);
+    let (Side::Plain(client), Side::Plain(upstream)) = (&conn.client, &conn.upstream) else {
+        unreachable!("both sides were made plain just above")
+    };
+    let socks = [client, upstream];
     let mut cookies = [0u64; 2];
     let mut queued = [0u64; 2];
     for i in 0..2 {

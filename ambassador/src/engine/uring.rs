@@ -72,10 +72,11 @@ pub async fn relay(conn: Conn) -> io::Result<()> {
     let fds = [conn.client.as_raw_fd(), conn.upstream.as_raw_fd()];
     // On an O_NONBLOCK socket io_uring returns EAGAIN to us instead of
     // waiting for readiness itself.
-    conn.client.set_nonblocking(false)?;
-    conn.upstream.set_nonblocking(false)?;
-    let client = TcpStream::from_std(conn.client);
-    let upstream = TcpStream::from_std(conn.upstream);
+    let (client, upstream) = (conn.client.into_std()?, conn.upstream.into_std()?);
+    client.set_nonblocking(false)?;
+    upstream.set_nonblocking(false)?;
+    let client = TcpStream::from_std(client);
+    let upstream = TcpStream::from_std(upstream);
     // Ends the connection early. Both streams are alive for the whole of
     // `relay`, so `fds` are open whenever this runs.
     let cut = |reset: bool| {

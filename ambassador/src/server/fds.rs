@@ -7,16 +7,28 @@
 //! accepting it: a client left in the kernel's backlog just waits (its
 //! handshake is done, its bytes are buffered) until we take it.
 //!
-//! So before each `accept(2)` we check that there is room: [`FdBudget`]
-//! duplicates a spare `/dev/null` descriptor `2 + pending` times and closes
-//! the copies again, where `pending` counts clients accepted whose upstream
-//! socket is not open yet (each still needs one). If that fails we do not
-//! accept. This costs two `fcntl(F_DUPFD_CLOEXEC)` and two `close` per
-//! connection, needs no bookkeeping of every descriptor the process opens,
-//! and is exact because every accept loop runs on one thread (the first
-//! worker; the others only connect and relay, see `server/workers.rs`): a
-//! worker's upstream socket is counted in `pending` until it exists, so
-//! nothing can take the room the check saw before the accept.
+//! So a client is accepted only once its upstream socket is sure to get a
+//! descriptor. When every backend of the forward is an IP address of one
+//! family (the usual case), the accept loop simply makes the upstream
+//! socket *before* it accepts ([`Spare`]; `socket(2)` failing with EMFILE
+//! means: do not accept yet), and `accept4(2)` itself then fails with
+//! EMFILE, harmlessly, when there is no descriptor for the client. That
+//! costs no syscall beyond the two the connection needs anyway.
+//!
+//! Otherwise (a hostname, resolved per connection, or mixed families) the
+//! family of the upstream socket is unknown until the connection resolves
+//! it, and [`FdBudget`] checks for room: it duplicates a spare `/dev/null`
+//! descriptor `2 + pending` times and closes the copies again, where
+//! `pending` counts clients accepted whose upstream socket is not open yet
+//! (each still needs one). If that fails we do not accept. This costs two
+//! `fcntl(F_DUPFD_CLOEXEC)` and two `close` per connection.
+//!
+//! Both need no bookkeeping of every descriptor the process opens, and are
+//! exact because every accept loop runs on one thread (the first worker;
+//! the others only connect and relay, see `server/workers.rs`): a worker's
+//! upstream socket is counted in `pending` until it exists, so nothing can
+//! take the room the check saw before the accept (a premade socket is
+//! checked for pending ones too, at no cost while there are none).
 //!
 //! While out of descriptors an accept loop retries after a back-off that
 //! doubles from 10 ms to 1 s. The process logs ONE warning when an episode
@@ -64,6 +76,15 @@ impl FdBudget {
     /// socket, plus the upstream sockets of the clients still connecting)?
     pub fn room_for_one(&self) -> bool {
         self.room_for(2 + self.pending.load(SeqCst))
+    }
+
+    /// Is there room for the upstream sockets of the clients still
+    /// connecting? (No syscall while there are none.)
+    pub fn room_for_pending(&self) -> bool {
+        match self.pending.load(SeqCst) {
+            0 => true,
+            n => self.room_for(n),
+        }
     }
 
     fn room_for(&self, n: usize) -> bool {
@@ -125,6 +146,28 @@ impl Drop for Pending {
     fn drop(&mut self) {
         self.0.pending.fetch_sub(1, SeqCst);
     }
+}
+
+/// The next connection's upstream socket, made before its client is
+/// accepted (see the module doc): non-blocking and close-on-exec.
+pub struct Spare {
+    pub domain: socket2::Domain,
+    pub socket: socket2::Socket,
+}
+
+impl Spare {
+    pub fn new(domain: socket2::Domain) -> io::Result<Spare> {
+        let ty = socket2::Type::STREAM.nonblocking().cloexec();
+        let socket = socket2::Socket::new(domain, ty, None)?;
+        Ok(Spare { domain, socket })
+    }
+}
+
+/// What an accepted client holds for its upstream socket: the socket
+/// itself, or its place in `pending` until that socket exists.
+pub struct Reserved {
+    pub premade: Option<Spare>,
+    pub pending: Option<Pending>,
 }
 
 /// Is this accept error "no descriptor for the new socket"?

@@ -1706,20 +1706,59 @@ fn idle_spliced_connection_rests_until_the_kernel_wakes_it() {
     assert_eq!(stat(&log, "bytes_to_client"), 0, "{log}");
 }
 
-/// A destination that stops reading costs no busy polling: the client
-/// writes until the proxy stops taking bytes (the connection is stalled in
-/// the kernel, or has left it and waits for the upstream to drain), and
-/// over the next 2 s the driver runs a few checks, not one every 2 ms (it
-/// ran about 1,000 there before, while leaving). Then the upstream reads:
+/// A destination that stops reading costs no polling: the client writes
+/// until the proxy stops taking bytes (the connection left the kernel and
+/// waits for the upstream to drain what was redirected to it), the driver
+/// then waits for the events that end the stall (`spliced_stalls`), and
+/// over the next 2 s it runs at most one check (it ticked every 100 ms
+/// there before, and every 2 ms before that). Then the upstream reads:
 /// every byte arrives, in order, and the connection closes cleanly.
 #[test]
-fn stalled_destination_costs_no_busy_polling_and_resumes_byte_exact() {
+fn stalled_destination_costs_no_polling_and_resumes_byte_exact() {
+    stalled_destination(&[], None, false);
+}
+
+/// The same after the upstream's FIN: an RDHUP already seen must not come
+/// back as a wake-up each time the stall's interests change.
+#[test]
+fn stalled_destination_after_its_fin_costs_no_polling() {
+    stalled_destination(&[], None, true);
+}
+
+/// The same stall inside the kernel: with an in-flight cap above what the
+/// client sends, the connection stays spliced while 16 MiB wait in the
+/// psock for an upstream that does not read. It waits for the upstream
+/// socket's events, not a tick, and when the upstream reads the kernel
+/// carries every byte (nothing was copied in userspace).
+#[test]
+fn stalled_spliced_destination_waits_for_events_and_resumes_byte_exact() {
+    let env = [
+        "env",
+        "AMBASSADOR_SOCKMAP_INFLIGHT=268435456",
+        "AMBASSADOR_SOCKMAP_BACKSTOP=536870912",
+    ];
+    stalled_destination(&env, Some(16 * MIB), false);
+}
+
+/// See the tests above: `wrapper` runs the proxy (environment), `limit`
+/// bounds what the client sends (`None`: until the proxy stops taking bytes
+/// for 1 s, at most 64 MiB), and with `upstream_fin` the upstream shuts its
+/// write side at once (the client sees EOF before it starts writing).
+fn stalled_destination(wrapper: &[&str], limit: Option<u64>, upstream_fin: bool) {
     const MAX: u64 = 64 * MIB;
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let go_rx = Mutex::new(go_rx);
     let (got_tx, got_rx) = std::sync::mpsc::channel();
     let got_tx = Mutex::new(got_tx);
+    let (fin_tx, fin_rx) = std::sync::mpsc::channel::<()>();
+    let fin_rx = Mutex::new(fin_rx);
     let upstream = server(move |mut s| {
+        if upstream_fin {
+            if fin_rx.lock().unwrap().recv().is_err() {
+                return;
+            }
+            s.shutdown(Shutdown::Write).unwrap();
+        }
         if go_rx.lock().unwrap().recv().is_err() {
             return;
         }
@@ -1729,18 +1768,26 @@ fn stalled_destination_costs_no_busy_polling_and_resumes_byte_exact() {
     let port = free_port();
     let fwd = format!("127.0.0.1:{port}={upstream}");
     let bin = Bin::start(
-        &[],
+        wrapper,
         &["--mode", "sockmap", "--splice", "always", "--forward", &fwd],
         false,
     );
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    // Write the stream until the proxy takes nothing for 1 s (bounded by MAX).
+    let stat_now = |k: &str| stat_in(&bin.stats_now(), k).unwrap();
+    if upstream_fin {
+        // Once the connection is spliced (a half-closed one would not be).
+        let spliced = wait_until(Duration::from_secs(10), || stat_now("splice_checks") >= 1);
+        assert!(spliced, "not spliced within 10 s: {}", bin.stats_now());
+        fin_tx.send(()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0, "the upstream's FIN");
+    }
     s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
     let mut out = Prng::new(41);
     let mut chunk = vec![0u8; 64 << 10];
     let mut sent = 0u64;
     let mut pending = 0;
-    while sent < MAX {
+    while sent < limit.unwrap_or(MAX) {
         if pending == 0 {
             out.fill(&mut chunk);
             pending = chunk.len();
@@ -1754,23 +1801,42 @@ fn stalled_destination_costs_no_busy_polling_and_resumes_byte_exact() {
             Err(e) => panic!("write: {e}"),
         }
     }
-    assert!(sent < MAX, "the proxy took {MAX} bytes without a reader");
-    let checks = || stat_in(&bin.stats_now(), "splice_checks").unwrap();
-    let c0 = checks();
-    let polled = wait_until(Duration::from_secs(2), || checks() - c0 > 100);
-    assert!(!polled, "more than 100 checks in 2 s while stalled");
+    match limit {
+        None => assert!(sent < MAX, "the proxy took {MAX} bytes without a reader"),
+        Some(n) => assert!(sent >= n, "the proxy stopped taking bytes at {sent}"),
+    }
+    let stalled = wait_until(Duration::from_secs(10), || stat_now("spliced_stalls") >= 1);
+    assert!(stalled, "no stall wait within 10 s: {}", bin.stats_now());
+    let c0 = stat_now("splice_checks");
+    let polled = wait_until(Duration::from_secs(2), || {
+        stat_now("splice_checks") - c0 > 1
+    });
+    assert!(
+        !polled,
+        "more than 1 check in 2 s while stalled: {}",
+        bin.stats_now()
+    );
     go_tx.send(()).unwrap();
     s.set_write_timeout(None).unwrap();
     s.write_all(&chunk[chunk.len() - pending..]).unwrap();
     sent += pending as u64;
     s.shutdown(Shutdown::Write).unwrap();
-    let got = got_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    // Well inside the 30 s safety tick: the stall's events woke the driver.
+    let got = got_rx.recv_timeout(Duration::from_secs(20)).unwrap();
     assert_eq!(got, Ok(sent), "the upstream got the stream exactly");
     drop(s);
     bin.wait_relays_end(port, upstream);
     let (code, log) = bin.stop();
     assert_eq!(code, Some(0), "{log}");
     assert_eq!(stat(&log, "integrity_resets"), 0, "{log}");
+    if limit.is_some() {
+        assert_eq!(
+            stat(&log, "bytes_to_upstream"),
+            0,
+            "stayed in the kernel: {log}"
+        );
+        assert_eq!(stat(&log, "spliced_to_upstream"), sent, "{log}");
+    }
 }
 
 /// Up to `rounds` round trips of `msg` bytes: the stream from seed `up` goes

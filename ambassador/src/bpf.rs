@@ -635,6 +635,15 @@ pub fn poke_sender(fd: &impl AsRawFd) -> io::Result<()> {
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, 0)
 }
 
+/// A stalled destination (`engine/sockmap/rest.rs`): `TCP_NOTSENT_LOWAT` 1,
+/// so the socket polls writable only once it has sent every byte it holds;
+/// its `tcp_poll` then sets `SOCK_NOSPACE`, and the ACKs that free it call
+/// `sk_write_space()`, which runs the psock worker and wakes `EPOLLOUT`.
+/// Setting it pokes the psock too (see [`poke_sender`], which undoes it).
+pub fn wake_when_sent(fd: &impl AsRawFd) -> io::Result<()> {
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, 1)
+}
+
 fn set_int(
     fd: &impl AsRawFd,
     level: libc::c_int,

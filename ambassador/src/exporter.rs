@@ -249,6 +249,14 @@ pub fn render(forwards: &[ForwardEntry], engine: Option<&str>) -> String {
         ),
         (
             f.counter(
+                "ambassador_spliced_stalls_total",
+                "Times a stalled spliced connection waited for socket events instead of ticking (sockmap engine).",
+                &fw,
+            ),
+            |s| &s.spliced_stalls,
+        ),
+        (
+            f.counter(
                 "ambassador_errors_total",
                 "Connections that ended in an error (no backend, reset, timeout).",
                 &fw,

@@ -44,6 +44,9 @@ pub struct ForwardStats {
     /// Times the kernel program woke a resting spliced connection (bytes
     /// moved again).
     pub spliced_wakes: AtomicU64,
+    /// Times a stalled spliced connection (a destination not reading)
+    /// waited for the socket events that end the stall instead of ticking.
+    pub spliced_stalls: AtomicU64,
 }
 
 impl ForwardStats {
@@ -69,6 +72,7 @@ impl ForwardStats {
             splice_checks = g(&self.splice_checks),
             spliced_rests = g(&self.spliced_rests),
             spliced_wakes = g(&self.spliced_wakes),
+            spliced_stalls = g(&self.spliced_stalls),
             "stats"
         );
     }

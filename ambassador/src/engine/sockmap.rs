@@ -393,6 +393,7 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
     let mut c = Spliced {
         sm,
         id: conn.id,
+        token,
         socks,
         cookies,
         base,

@@ -9,9 +9,11 @@
 //! Raising it costs one map update, so it is raised in steps of an eighth
 //! of the backstop: the headroom left is always at least 7/8 of it minus
 //! the bytes in flight. That headroom must cover what a connection can
-//! redirect between two ticks; the slowest tick (an idle connection) is
-//! 500 ms, so the 2 GiB default covers a burst at 28 Gbit/s from idle
-//! (the engine measured about 8–12 Gbit/s for one stream on loopback).
+//! redirect between two ticks; the slowest tick is 500 ms (a resting or
+//! stalled connection has none, but its wake mark is at most a quarter of
+//! the in-flight cap ahead, see `rest.rs`), so the 2 GiB default covers a
+//! burst at 28 Gbit/s from idle (the engine measured about 8–12 Gbit/s for
+//! one stream on loopback).
 //!
 //! Sans-IO: [`Budget::raise`] says when and to what; the driver writes it.
 

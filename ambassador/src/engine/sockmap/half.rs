@@ -189,6 +189,11 @@ impl Half {
         self.rdhup = true;
     }
 
+    /// `src` reported RDHUP (its peer's FIN arrived).
+    pub fn rdhup(&self) -> bool {
+        self.rdhup
+    }
+
     /// `dst` was shut for writing.
     pub fn forwarded(&mut self) {
         assert_eq!(

@@ -58,6 +58,19 @@ impl Copy {
         self.held[0] + self.held[1]
     }
 
+    /// Where half `d`'s copy stopped (after a [`Copy::pump`] that moved
+    /// less than it may per tick).
+    pub fn state(&self, d: usize) -> super::rest::Copying {
+        use super::rest::Copying;
+        if self.held[d] > 0 {
+            Copying::Held
+        } else if self.eof[d] {
+            Copying::Eof
+        } else {
+            Copying::Empty
+        }
+    }
+
     /// Move what can move now from `src` to `dst` for half `d`, without
     /// blocking. Returns the bytes written to `dst`.
     pub fn pump(&mut self, d: usize, src: &impl AsFd, dst: &impl AsFd) -> io::Result<u64> {

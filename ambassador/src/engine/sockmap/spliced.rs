@@ -13,13 +13,15 @@ use super::Sockmap;
 use super::budget::Budget;
 use super::half::{self, Half, Integrity, Move, Observed, Path, Route};
 use super::leaving;
-use super::rest::{self, Pace, TICK_REST, Wait};
+use super::rest::{self, Interest, Pace, TICK_REST, Wait};
 use super::watcher::{EV_KERNEL, Slot};
 use crate::bpf;
 use crate::engine::Activity;
 use crate::metrics::ForwardStats;
+use nix::sys::epoll::EpollFlags;
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 /// Names of the halves, for logs: half d reads socks[d], writes socks[1-d].
@@ -39,6 +41,8 @@ pub struct Base {
 pub struct Spliced<'a> {
     pub sm: &'a Sockmap,
     pub id: u64,
+    /// The connection's token with the watcher.
+    pub token: u64,
     pub socks: [&'a TcpStream; 2],
     pub cookies: [u64; 2],
     pub base: [Base; 2],
@@ -122,6 +126,7 @@ impl Spliced<'_> {
             ForwardStats::add(&self.stats.splice_checks, 1);
             tracing::trace!(id = self.id, path = ?self.route.path(), fin = ?[self.halves[0].fin(), self.halves[1].fin()], ?o, "tick");
             let mut busy = false;
+            let took = [0, 1].map(|d| o[d].dst_taken != last_taken[d]);
             for d in 0..2 {
                 if o[d].redirected != last[d] {
                     last[d] = o[d].redirected;
@@ -222,7 +227,16 @@ impl Spliced<'_> {
             }
             let settled = [self.settled(0, &o[0]), self.settled(1, &o[1])];
             let restful = rest::restful(self.route.path(), [&o[0], &o[1]], settled);
-            let wait = match pace.next(self.route.path(), busy, restful) {
+            let stall = rest::stall(
+                self.route.path(),
+                [0, 1].map(|d| rest::Stalled {
+                    in_flight: o[d].in_flight(),
+                    took: took[d],
+                    settled: settled[d],
+                    copy: self.route.may_copy(&o[d]).then(|| self.copy.state(d)),
+                }),
+            );
+            let wait = match pace.next(self.route.path(), busy, restful, stall.is_some()) {
                 Wait::Tick(t) => {
                     // Backing off: a burst wakes the driver after a quarter
                     // of the in-flight cap, not at the next slow tick.
@@ -242,12 +256,74 @@ impl Spliced<'_> {
                     pace.woken();
                     continue;
                 }
+                Wait::Stall => {
+                    let want = stall.expect("a stall wait only when stalled");
+                    if self.route.path() == Path::Spliced {
+                        // New bytes from a source wake the driver too.
+                        let slack = self.sm.cap / 4;
+                        self.set_marks(o.map(|od| od.redirected.saturating_add(slack)))?;
+                    }
+                    ForwardStats::add(&self.stats.spliced_stalls, 1);
+                    self.stall_interest(&want, true)?;
+                    tokio::select! {
+                        () = slot.notify.notified() => {}
+                        () = tokio::time::sleep(TICK_REST) => {}
+                    }
+                    self.stall_interest(&want, false)?;
+                    pace.stall_ended();
+                    continue;
+                }
             };
             tokio::select! {
                 () = slot.notify.notified() => pace.woken(),
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Arm (`on`) or undo what a stall waits for (`rest::stall`): the
+    /// watcher's extra events, `TCP_NOTSENT_LOWAT` on a destination that
+    /// took nothing, `SO_RCVLOWAT` 1 on a copied half's source (the value
+    /// the verdict is held back with goes back afterwards; the socket is
+    /// out of `VERDICT`, so no verdict runs either way).
+    fn stall_interest(&self, want: &[Interest; 2], on: bool) -> io::Result<()> {
+        for (s, w) in want.iter().enumerate() {
+            if !w.any() {
+                continue;
+            }
+            let sock = self.socks[s];
+            // Socket s is half s's source: its RDHUP, once seen, stays out.
+            let mut events = if self.halves[s].rdhup() {
+                EpollFlags::empty()
+            } else {
+                EpollFlags::EPOLLRDHUP
+            };
+            if on {
+                if w.readable {
+                    debug_assert!(!self.in_verdict[s], "read interest only out of VERDICT");
+                    bpf::kick_verdict(sock)?;
+                    events |= EpollFlags::EPOLLIN;
+                }
+                if w.sent {
+                    bpf::wake_when_sent(sock)?;
+                }
+                if w.sent || w.writable {
+                    events |= EpollFlags::EPOLLOUT;
+                }
+            }
+            self.sm
+                .watcher
+                .interest(self.token, s, sock.as_raw_fd(), events)?;
+            if !on {
+                if w.sent {
+                    bpf::poke_sender(sock)?;
+                }
+                if w.readable {
+                    bpf::pause_verdict(sock)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Write the wake marks that differ from what the program has.

@@ -4,7 +4,10 @@
 //! never for the bytes the kernel moves. It also drains the `EVENTS` ring
 //! buffer, whose records name a socket whose verdict just started passing
 //! bytes (its backstop budget ran out) or that moved again after resting
-//! (`rest.rs`), and wakes that connection's task at once.
+//! (`rest.rs`), and wakes that connection's task at once. While a
+//! connection waits on a stall (`rest.rs`), its driver adds `EPOLLIN` or
+//! `EPOLLOUT` to a socket's registration for the wait, and takes it off
+//! again after.
 
 use aya::maps::{MapData, RingBuf};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
@@ -116,6 +119,26 @@ impl Watcher {
             }
         }
         Ok(slot)
+    }
+
+    /// Watch socket `side` of connection `token` for `events` (edge
+    /// triggered; ERR and HUP are implicit): `EPOLLRDHUP` until it was
+    /// seen, plus `EPOLLIN` or `EPOLLOUT` during a stall (see `rest.rs`).
+    /// Changing the registration polls the socket: every event in
+    /// `events` that is true already is reported at once (so an RDHUP
+    /// already seen must be left out, or it comes back on every change).
+    pub fn interest(
+        &self,
+        token: u64,
+        side: usize,
+        fd: RawFd,
+        events: EpollFlags,
+    ) -> io::Result<()> {
+        let mut ev = EpollEvent::new(events | EpollFlags::EPOLLET, (token << 1) | side as u64);
+        // Safety: the caller's connection owns `fd` and outlives its watch.
+        self.epoll
+            .modify(unsafe { BorrowedFd::borrow_raw(fd) }, &mut ev)
+            .map_err(io::Error::from)
     }
 
     pub fn remove(&self, token: u64, fds: [RawFd; 2], cookies: [u64; 2]) {

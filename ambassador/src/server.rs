@@ -665,9 +665,10 @@ async fn handle(
                 })
         }
     };
-    let connected = upstreams
-        .connect_with(id, client_addr, settings.connect_timeout, attempt)
-        .await;
+    // Boxed: what connecting needs is freed once connected, instead of
+    // staying in the connection's task for its whole life.
+    let connected =
+        Box::pin(upstreams.connect_with(id, client_addr, settings.connect_timeout, attempt)).await;
     let ((upstream, upstream_addr, registration), _lease) = match connected {
         Ok(c) => c,
         // The attempt came back to us: already reported as a loop.

@@ -250,9 +250,14 @@ impl Sockmap {
 
 /// Hand both sockets to the kernel and watch them until both directions are
 /// done; fall back to the epoll engine if the connection cannot be spliced.
+///
+/// The copy loops a spliced connection may fall back to are boxed: a
+/// connection's future then holds only the state of the phase it is in
+/// (a spliced one ~1.5 KiB instead of ~2.8), which is most of what an idle
+/// connection costs the process.
 pub async fn relay(sm: &Rc<Sockmap>, conn: Conn) -> io::Result<()> {
     let (conn, pre_read) = match sm.policy {
-        SplicePolicy::Never => return super::epoll::relay(conn).await,
+        SplicePolicy::Never => return Box::pin(super::epoll::relay(conn)).await,
         SplicePolicy::Always => (conn, [0, 0]),
         // Start in userspace; move into the kernel only a connection that
         // shows a request/response pattern, at a point where userspace holds
@@ -302,7 +307,7 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
             capacity = sm.capacity,
             "sockmap full, copying this connection in userspace"
         );
-        return super::epoll::relay(conn).await;
+        return Box::pin(super::epoll::relay(conn)).await;
     }
     // Off any reactor: from here the kernel moves the bytes, and only the
     // watcher thread polls these sockets.
@@ -366,7 +371,7 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
             }
             drop(_forget);
             drop(_unwatch);
-            return super::epoll::relay(conn).await;
+            return Box::pin(super::epoll::relay(conn)).await;
         }
         // The upstream already sent FIN (it answered and closed between the
         // two inserts): its socket never gets a verdict, so the connection
@@ -430,7 +435,7 @@ pub async fn splice(sm: &Rc<Sockmap>, conn: Conn, pre_read: [u64; 2]) -> io::Res
             // carries the connection on. Forget it here first.
             drop(_unwatch);
             drop(_forget);
-            return super::epoll::relay(conn).await;
+            return Box::pin(super::epoll::relay(conn)).await;
         }
         Err(End::Io(e)) => Err(e),
         Err(End::Integrity(d, e)) => {

@@ -653,11 +653,11 @@ async fn handle(
     // Pick a backend and connect (retrying the next healthy one); the lease
     // counts this connection against its backend until it ends. The
     // reserved socket (or place in `pending`) goes to the first attempt.
-    let pending = Rc::new(RefCell::new(Some(reserved)));
+    let reserved = Rc::new(RefCell::new(Some(reserved)));
     let attempt = |target: crate::config::Target| {
-        let (own, origin, pending) = (own.clone(), fwd.origin.clone(), pending.clone());
+        let (own, origin, reserved) = (own.clone(), fwd.origin.clone(), reserved.clone());
         async move {
-            connect(&target, &own, &origin, &pending)
+            connect(&target, &own, &origin, &reserved)
                 .await
                 .map_err(|(e, looped)| match looped {
                     true => AttemptError::Stop(e),
@@ -734,7 +734,7 @@ async fn connect(
     target: &crate::config::Target,
     own: &Arc<OwnUpstreams>,
     origin: &Origin,
-    pending: &RefCell<Option<Reserved>>,
+    reserved: &RefCell<Option<Reserved>>,
 ) -> Result<(TcpStream, SocketAddr, Registration), (io::Error, bool)> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
@@ -748,7 +748,7 @@ async fn connect(
     };
     let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
     for addr in addrs {
-        match connect_one(addr, own, origin, pending).await {
+        match connect_one(addr, own, origin, reserved).await {
             Ok((s, reg)) => return Ok((s, addr, reg)),
             Err((e, true)) => return Err((e, true)),
             Err((e, false)) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),

@@ -36,6 +36,8 @@ pub struct Upstreams {
     stats: Vec<Arc<BackendStats>>,
     /// Replaced by a reload: its checkers stop.
     retired: AtomicBool,
+    /// See [`Upstreams::family`]: worked out once, read on every accept.
+    family: Option<socket2::Domain>,
 }
 
 /// How one connect attempt failed.
@@ -159,6 +161,7 @@ impl Upstreams {
         let ups = Arc::new(Upstreams {
             forward,
             pool: Mutex::new(pool),
+            family: family_of(&backends),
             backends,
             stats,
             retired: AtomicBool::new(false),
@@ -177,19 +180,7 @@ impl Upstreams {
     /// with a hostname (resolved per connection), mixed families or no
     /// backend.
     pub fn family(&self) -> Option<socket2::Domain> {
-        let v6 = |t: &Target| match t.host {
-            Host::Ip(ip) => Some(ip.is_ipv6()),
-            Host::Name(_) => None,
-        };
-        let first = v6(self.backends.first()?)?;
-        self.backends
-            .iter()
-            .all(|t| v6(t) == Some(first))
-            .then_some(if first {
-                socket2::Domain::IPV6
-            } else {
-                socket2::Domain::IPV4
-            })
+        self.family
     }
 
     /// The forward's source (variable or flag), for logs.
@@ -377,6 +368,23 @@ async fn connect(target: &Target) -> io::Result<(TcpStream, SocketAddr)> {
     Err(last)
 }
 
+/// See [`Upstreams::family`].
+fn family_of(backends: &[Target]) -> Option<socket2::Domain> {
+    let v6 = |t: &Target| match t.host {
+        Host::Ip(ip) => Some(ip.is_ipv6()),
+        Host::Name(_) => None,
+    };
+    let first = v6(backends.first()?)?;
+    backends
+        .iter()
+        .all(|t| v6(t) == Some(first))
+        .then_some(if first {
+            socket2::Domain::IPV6
+        } else {
+            socket2::Domain::IPV4
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,7 +392,7 @@ mod tests {
     use socket2::Domain;
 
     fn family(hosts: &[&str]) -> Option<Domain> {
-        let backends = hosts
+        let backends: Vec<Target> = hosts
             .iter()
             .map(|h| Target {
                 host: h
@@ -393,17 +401,7 @@ mod tests {
                 port: 80,
             })
             .collect();
-        let ups = Upstreams {
-            forward: "test".into(),
-            pool: Mutex::new(Pool::new(hosts.len(), PoolConfig::default())),
-            stats: hosts
-                .iter()
-                .map(|_| Arc::new(BackendStats::new()))
-                .collect(),
-            backends,
-            retired: AtomicBool::new(false),
-        };
-        ups.family()
+        family_of(&backends)
     }
 
     #[test]

@@ -176,7 +176,14 @@ fn loop_between_two_forwards(mode: &str) {
         "descriptors left open: {} (from {base_fds})",
         p.fd_count()
     );
+    p.signal(libc::SIGUSR1);
+    assert!(p.wait_log(&format!("forward=--forward {fc} "), 10));
+    assert!(wait_until(10, || p
+        .stat_for(&format!("--forward {fc}"), "errors")
+        .is_some()));
     // One warning per forward for the whole episode, an error per attempt.
+    // (Read after the stats line: the child's log reaches us through a
+    // pipe, so only a line logged after everything says it is all there.)
     let log = p.log();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("forward loop")).collect();
     assert_eq!(warnings.len(), 2, "{log}");
@@ -188,11 +195,6 @@ fn loop_between_two_forwards(mode: &str) {
         warnings[1].contains(&format!("forward=--forward {fb} ")),
         "{log}"
     );
-    p.signal(libc::SIGUSR1);
-    assert!(p.wait_log(&format!("forward=--forward {fc} "), 10));
-    assert!(wait_until(10, || p
-        .stat_for(&format!("--forward {fc}"), "errors")
-        .is_some()));
     assert_eq!(
         p.stat_for(&format!("--forward {fa}"), "errors"),
         Some(N),

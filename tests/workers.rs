@@ -1,9 +1,9 @@
 //! `--workers N`: several event loops in one process, shown against the
-//! real binary on loopback. Clients are handed round-robin to the workers,
-//! so with two workers both serve (the `workers` log line counts each
-//! worker's connections), every byte still arrives exactly, and
-//! `--max-conns` stays one limit for the whole forward, not one per worker.
-//! The sockmap engine runs one worker and says so.
+//! real binary on loopback. Every worker accepts from the forward's one
+//! listening socket, so with two workers both serve (the `workers` log
+//! line counts each worker's connections), every byte still arrives
+//! exactly, and `--max-conns` stays one limit for the whole forward, not
+//! one per worker. The sockmap engine runs one worker and says so.
 
 mod support;
 
@@ -25,14 +25,17 @@ fn worker_list(p: &Proxy, key: &str) -> Option<Vec<u64>> {
     list.split(',').map(|n| n.parse().ok()).collect()
 }
 
-/// 40 clients one after the other, 64 KiB each way, checked byte for byte;
-/// then both workers have served exactly half of them and the forward's
-/// byte counters add up.
+/// 40 clients one after the other, 64 KiB each way, checked byte for byte,
+/// through one `--max-conns` slot: the two workers' accept loops take
+/// turns at it (tokio's semaphore is first come first served, and both
+/// loops wait on it before `ready`), so each worker accepts every other
+/// client: exactly half of them each. The forward's byte counters add up.
 fn both_workers_serve(mode: &str) {
     const CLIENTS: u64 = 40;
     const N: u64 = 64 << 10;
     let echo = echo_server();
-    let p = Proxy::forward(mode, &format!("127.0.0.1:{echo}"), &["--workers", "2"]);
+    let args = ["--workers", "2", "--max-conns", "1"];
+    let p = Proxy::forward(mode, &format!("127.0.0.1:{echo}"), &args);
     assert!(p.wait_line(&["ready", "workers=2"], 5), "{}", p.log());
     for i in 0..CLIENTS {
         let c = p.connect();
@@ -94,6 +97,60 @@ fn limit_is_global(mode: &str) {
     for c in &mut clients {
         c.write_all(b"x").unwrap();
     }
+}
+
+/// A forced stop (a second SIGTERM during the drain) exits at once and
+/// still cuts every live connection with a reset, whichever worker it is
+/// on: clients are opened (at most 64) until both workers hold one, then
+/// each must read a reset, not a clean end of stream.
+fn a_forced_stop_resets_every_workers_connections(mode: &str) {
+    let echo = echo_server();
+    let args = ["--workers", "2", "--drain-timeout", "10m"];
+    let mut p = Proxy::forward(mode, &format!("127.0.0.1:{echo}"), &args);
+    let mut clients = Vec::new();
+    let mut both = false;
+    while !both && clients.len() < 64 {
+        let mut c = p.connect();
+        c.write_all(b"live").unwrap();
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"live");
+        clients.push(c);
+        assert!(p.stats_now(), "{}", p.log());
+        let active = worker_list(&p, "worker_active").expect("a workers line");
+        both = active.iter().all(|&n| n > 0);
+    }
+    assert!(
+        both,
+        "{mode}: one worker took all {} clients: {}",
+        clients.len(),
+        p.log()
+    );
+    p.signal(libc::SIGTERM);
+    assert!(p.wait_log("draining", 10), "{}", p.log());
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(20), Some(1), "{mode}: {}", p.log());
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut rest = Vec::new();
+        let r = c.read_to_end(&mut rest);
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "{mode}: client {i} of {}: a cut stream must not look finished",
+            clients.len()
+        );
+    }
+}
+
+#[test]
+fn epoll_a_forced_stop_resets_every_workers_connections() {
+    a_forced_stop_resets_every_workers_connections("epoll")
+}
+
+#[test]
+fn uring_a_forced_stop_resets_every_workers_connections() {
+    a_forced_stop_resets_every_workers_connections("uring")
 }
 
 #[test]

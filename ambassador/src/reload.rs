@@ -36,7 +36,7 @@ use crate::config::{Backends, Forward, Settings, Target};
 use crate::discovery::etcd::{Starter, Update, Watcher};
 use crate::loops::Origin;
 use crate::metrics::ForwardStats;
-use crate::server::{Current, Fwd, Listener, Shared, accept_loop, bind};
+use crate::server::{Current, Fwd, Listeners, Shared, Up, bind};
 use crate::upstream::Upstreams;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -238,9 +238,10 @@ impl Live {
         }
     }
 
-    /// Start serving `forward` on its bound `listener`; `etcd`: its
-    /// watcher and first set, for a forward from etcd.
-    pub fn start(&mut self, forward: Forward, listener: Listener, etcd: Option<Etcd>) {
+    /// Start serving `forward` on its bound `listeners` (on every worker);
+    /// `etcd`: its watcher and first set, for a forward from etcd. The
+    /// result resolves once every worker accepts.
+    pub fn start(&mut self, forward: Forward, listeners: Listeners, etcd: Option<Etcd>) -> Up {
         let stats = Arc::new(ForwardStats::default());
         let backends = match &etcd {
             Some(e) => e.backends.clone(),
@@ -262,12 +263,7 @@ impl Live {
             current: Mutex::new(self.current(&forward, backends, &stats, None)),
         });
         let (stop, stop_rx) = watch::channel(false);
-        tokio::task::spawn_local(accept_loop(
-            listener,
-            fwd.clone(),
-            self.shared.clone(),
-            stop_rx,
-        ));
+        let up = self.shared.accept(listeners, &fwd, &stop_rx);
         self.all.push((forward.source.clone(), stats.clone()));
         self.running.insert(
             forward.listen,
@@ -279,6 +275,7 @@ impl Live {
                 etcd,
             },
         );
+        up
     }
 
     /// A watcher for a forward a reload added or moved to another etcd
@@ -354,7 +351,7 @@ impl Live {
         // Bind every new listener before changing anything.
         let mut bound = Vec::new();
         for f in &d.added {
-            let l = bind(f.listen).and_then(Listener::from_std);
+            let l = bind(f.listen).and_then(|l| self.shared.listeners(l));
             match l {
                 Ok(l) => bound.push(l),
                 Err(e) => {
@@ -419,7 +416,8 @@ impl Live {
         }
         for (f, l) in d.added.iter().zip(bound) {
             let etcd = self.watch(f);
-            self.start(f.clone(), l, etcd);
+            // Accepting on every worker soon: nothing waits for it here.
+            drop(self.start(f.clone(), l, etcd));
         }
         tracing::info!(
             file,

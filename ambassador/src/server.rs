@@ -3,15 +3,16 @@
 //!
 //! Start-up is all or nothing: every listener is bound before the first
 //! connection is accepted, and if one cannot be bound the process exits
-//! naming it. Then one accept loop per forward runs on the first worker's
-//! single-threaded runtime (tokio, or tokio-uring for the uring engine),
-//! and each accepted client is handed to a worker (`server/workers.rs`:
-//! `--workers N`, round-robin) for steps 4 and 5:
+//! naming it. Then every worker (`server/workers.rs`: `--workers N`) runs
+//! one accept loop per forward on its own single-threaded runtime (tokio,
+//! or tokio-uring for the uring engine), all of them taking clients from
+//! the forward's one listening socket; a client stays on the worker that
+//! accepted it, which does every step:
 //!
 //! 1. take a slot from the forward's `--max-conns` semaphore (one per
-//!    forward, for all workers; when the
-//!    forward is full we stop calling accept, so new clients wait in the
-//!    kernel's backlog instead of being accepted and reset);
+//!    forward, for all workers; when the forward is full we stop calling
+//!    accept, so new clients wait in the kernel's backlog instead of being
+//!    accepted and reset);
 //! 2. check there are file descriptors for the client and its upstream
 //!    socket (`server/fds.rs`; when there are not, stop accepting, warn once,
 //!    retry with a back-off);
@@ -53,20 +54,21 @@ use crate::metrics::{ActiveGuard, ForwardStats};
 pub use crate::reload::Reloader;
 use crate::reload::{Etcd, Live};
 use crate::upstream::{AttemptError, Failure, Upstreams};
-use fds::{Backoff, FdBudget, Reserved, Spare};
+use fds::{Backoff, FdBudget, Needs, Premade};
 pub(crate) use listener::Listener;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::pin::pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use workers::{Worker, Workers};
 
 /// After the abort is raised, how long engines get to reset their
@@ -262,13 +264,99 @@ struct Start {
     abort: (watch::Sender<bool>, watch::Receiver<bool>),
 }
 
-/// Everything the accept loops of the process share (they all run on the
-/// first worker's thread).
-pub(crate) struct Shared {
-    ids: Cell<u64>,
+/// What the accept loops of the process share, on every worker.
+pub(crate) struct Process {
+    /// The last connection id given out.
+    ids: AtomicU64,
     fds: Arc<FdBudget>,
     own: Arc<OwnUpstreams>,
+}
+
+/// The server's own view (worker 0's): the process's shared state and
+/// every worker.
+pub(crate) struct Shared {
+    process: Arc<Process>,
     workers: Workers,
+}
+
+/// A forward's listening socket once per worker: registered with worker
+/// 0's reactor, and duplicated (`dup(2)`: the same socket, one accept
+/// queue) for each other worker to register with its own.
+pub(crate) struct Listeners {
+    first: Listener,
+    others: Vec<std::net::TcpListener>,
+}
+
+/// Resolve once every accept loop of the forwards started so far has first
+/// waited for a slot or a client (see [`Shared::accept`]).
+pub(crate) type Up = Vec<oneshot::Receiver<()>>;
+
+impl Shared {
+    /// `listener` (bound, see [`bind`]) for every worker.
+    pub fn listeners(&self, listener: std::net::TcpListener) -> io::Result<Listeners> {
+        let others = (1..self.workers.len())
+            .map(|_| listener.try_clone())
+            .collect::<io::Result<_>>()?;
+        Ok(Listeners {
+            first: Listener::from_std(listener)?,
+            others,
+        })
+    }
+
+    /// Start the forward's accept loop on every worker; they stop when
+    /// `stop` says so. The `--max-conns` semaphore is made here: one for
+    /// all of them.
+    pub fn accept(&self, listeners: Listeners, fwd: &Arc<Fwd>, stop: &watch::Receiver<bool>) -> Up {
+        let max_conns = fwd.current().settings.max_conns;
+        let slots = (max_conns > 0).then(|| Arc::new(Semaphore::new(max_conns)));
+        let for_worker = || AcceptLoop {
+            fwd: fwd.clone(),
+            process: self.process.clone(),
+            slots: slots.clone(),
+            stop: stop.clone(),
+        };
+        let mut up = Vec::new();
+        let (tx, rx) = oneshot::channel();
+        let first = accept_loop(listeners.first, for_worker(), self.workers.local().clone());
+        tokio::task::spawn_local(announced(first, tx));
+        up.push(rx);
+        for (i, listener) in listeners.others.into_iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            let lp = for_worker();
+            let sent = self.workers.send(
+                i + 1,
+                Box::new(
+                    move |worker: &Rc<Worker>| match Listener::from_std(listener) {
+                        Ok(l) => {
+                            let each = accept_loop(l, lp, worker.clone());
+                            tokio::task::spawn_local(announced(each, tx));
+                        }
+                        Err(e) => tracing::warn!(forward = %lp.fwd.origin.source, worker = i + 1,
+                        error = %e, "cannot accept on this worker: the others accept for it"),
+                    },
+                ),
+            );
+            if sent {
+                up.push(rx);
+            }
+        }
+        up
+    }
+}
+
+/// Run `inner`, and say so on `up` once it was first polled (for an accept
+/// loop: once it waits for its first slot or client).
+async fn announced(inner: impl Future<Output = ()>, up: oneshot::Sender<()>) {
+    let mut inner = pin!(inner);
+    let mut up = Some(up);
+    std::future::poll_fn(|cx| {
+        let polled = inner.as_mut().poll(cx);
+        if let Some(up) = up.take() {
+            let _ = up.send(());
+        }
+        polled
+    })
+    .await
 }
 
 async fn serve(
@@ -293,9 +381,11 @@ async fn serve(
     }
     let workers = Workers::start(workers, engine.clone(), abort_rx).map_err(StartError::Runtime)?;
     let shared = Rc::new(Shared {
-        ids: Cell::new(0),
-        fds: FdBudget::new().map_err(StartError::Runtime)?,
-        own: Arc::default(),
+        process: Arc::new(Process {
+            ids: AtomicU64::new(0),
+            fds: FdBudget::new().map_err(StartError::Runtime)?,
+            own: Arc::default(),
+        }),
         workers,
     });
     // The running forwards; a reload adds, removes and changes them.
@@ -305,10 +395,16 @@ async fn serve(
         mut started,
     } = feeds;
     let mut live = Live::new(settings.clone(), shared.clone(), starter);
+    let mut up = Up::new();
     for (forward, listener) in settings.forwards.iter().zip(listeners) {
-        let listener = Listener::from_std(listener).map_err(StartError::Runtime)?;
+        let listeners = shared.listeners(listener).map_err(StartError::Runtime)?;
         let etcd = started.remove(&forward.listen).map(Etcd::new);
-        live.start(forward.clone(), listener, etcd);
+        up.extend(live.start(forward.clone(), listeners, etcd));
+    }
+    // Every worker accepts before `ready` (a worker that is gone says so
+    // by dropping its sender).
+    for u in up {
+        let _ = u.await;
     }
     let mut changes = reloader.as_ref().and_then(Reloader::watch);
     crate::exporter::on_ready(engine.clone());
@@ -333,8 +429,8 @@ async fn serve(
     let all_stats = AllStats(live.all_stats(), &shared.workers);
     let stop = drain(&live.settings(), &engine, &all_stats, &mut signals).await;
     if stop != Stop::Drained {
-        // Worker 0's here; the others' when they see the abort.
-        shared.workers.local().reset_all_live();
+        // Every worker's, before the abort: a forced stop exits at once.
+        shared.workers.reset_all_live();
         let _ = abort_tx.send(true);
         if stop == Stop::TimedOut {
             // Let the engines reset their connections (bounded: the
@@ -443,29 +539,32 @@ impl Fwd {
     }
 }
 
-/// The forward's accept loop. Its first upstream socket (see
-/// `server/fds.rs`) is made before this returns, so the descriptors the
-/// process holds once `ready` is logged include it.
-pub(crate) fn accept_loop(
-    listener: Listener,
+/// What one worker's accept loop for a forward needs besides its
+/// listener.
+struct AcceptLoop {
     fwd: Arc<Fwd>,
-    shared: Rc<Shared>,
+    process: Arc<Process>,
+    /// The forward's `--max-conns` slots, shared by every worker's loop.
+    slots: Option<Arc<Semaphore>>,
     stop: watch::Receiver<bool>,
-) -> impl Future<Output = ()> {
-    let family = fwd.current().upstreams.family();
-    let spare = family.and_then(|d| Spare::new(d).ok());
-    accepting(listener, fwd, shared, stop, spare)
 }
 
-async fn accepting(
-    listener: Listener,
-    fwd: Arc<Fwd>,
-    shared: Rc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    mut spare: Option<Spare>,
-) {
-    let max_conns = fwd.current().settings.max_conns;
-    let slots = (max_conns > 0).then(|| Arc::new(Semaphore::new(max_conns)));
+/// The forward's accept loop on `worker`. Its first upstream socket (see
+/// `server/fds.rs`) is made before this returns, so the descriptors the
+/// process holds once `ready` is logged include it.
+fn accept_loop(listener: Listener, lp: AcceptLoop, worker: Rc<Worker>) -> impl Future<Output = ()> {
+    let mut premade = Premade::default();
+    premade.fill(Needs::of(&lp.fwd.current().upstreams));
+    accepting(listener, lp, worker, premade)
+}
+
+async fn accepting(listener: Listener, lp: AcceptLoop, worker: Rc<Worker>, mut premade: Premade) {
+    let AcceptLoop {
+        fwd,
+        process,
+        slots,
+        mut stop,
+    } = lp;
     let source = fwd.origin.source.clone();
     let mut backoff = Backoff::new();
     loop {
@@ -478,63 +577,39 @@ async fn accepting(
             },
             None => None,
         };
-        let family = fwd.current().upstreams.family();
+        let needs = Needs::of(&fwd.current().upstreams);
         let room = Room {
-            budget: &shared.fds,
-            family,
-            spare: &mut spare,
+            budget: &process.fds,
+            needs,
+            premade: &mut premade,
         };
         let accepted = next_client(&listener, room, &source, &mut backoff, &mut stop).await;
         let Some((client, client_addr)) = accepted else {
             break;
         };
         backoff.reset();
-        shared.fds.accepted(&source);
-        if is_own_connection(&shared.own, &client, client_addr, &source) {
+        process.fds.accepted(&source);
+        if is_own_connection(&process.own, &client, client_addr, &source) {
             crate::engine::set_reset_on_close(&client);
             continue;
         }
-        let reserved = match spare.take() {
-            Some(s) => Reserved {
-                premade: Some(s),
-                pending: None,
-            },
-            None => Reserved {
-                premade: None,
-                pending: Some(shared.fds.pending()),
-            },
-        };
-        let id = shared.ids.get() + 1;
-        shared.ids.set(id);
-        let (fwd, own) = (fwd.clone(), shared.own.clone());
+        let made = premade.take();
+        let id = process.ids.fetch_add(1, Relaxed) + 1;
+        let (fwd, own, worker) = (fwd.clone(), process.own.clone(), worker.clone());
         let (upstreams, settings) = {
             let c = fwd.current();
             (c.upstreams.clone(), c.settings.clone())
         };
-        // Counted active from here, so a drain waits for a client that is
-        // still on its way to its worker.
         let active = ActiveGuard::new(fwd.origin.stats.clone());
-        shared.workers.dispatch(move |worker: &Rc<Worker>| {
-            let worker = worker.clone();
-            tokio::task::spawn_local(async move {
-                let counted = worker.count();
-                let conf = (&upstreams, settings);
-                handle(
-                    id,
-                    client,
-                    client_addr,
-                    &fwd,
-                    conf,
-                    (&own, &worker),
-                    reserved,
-                )
-                .await;
-                // The connection's sockets and buffers are freed: first the
-                // worker's count (which may give memory back), then the
-                // forward's active count and the --max-conns slot.
-                drop(counted);
-                drop((active, permit));
-            });
+        tokio::task::spawn_local(async move {
+            let counted = worker.count();
+            let conf = (&upstreams, settings);
+            handle(id, client, client_addr, &fwd, conf, (&own, &worker), made).await;
+            // The connection's sockets and buffers are freed: first the
+            // worker's count (which may give memory back), then the
+            // forward's active count and the --max-conns slot.
+            drop(counted);
+            drop((active, permit));
         });
     }
     tracing::debug!(forward = %source, "stopped accepting");
@@ -544,33 +619,20 @@ async fn accepting(
 /// upstream socket (see `server/fds.rs`).
 struct Room<'a> {
     budget: &'a FdBudget,
-    /// The family of every backend's address, when there is one.
-    family: Option<socket2::Domain>,
-    /// The next connection's upstream socket, once made.
-    spare: &'a mut Option<Spare>,
+    needs: Needs,
+    /// The next connection's upstream socket(s), once made.
+    premade: &'a mut Premade,
 }
 
 impl Room<'_> {
-    /// Is there room for one more connection? With a known family this
-    /// makes the upstream socket now.
+    /// Is there room for one more connection? This makes the upstream
+    /// socket(s) now.
     fn for_one(&mut self) -> bool {
-        let Some(domain) = self.family else {
-            *self.spare = None;
-            return self.budget.room_for_one();
-        };
-        if self.spare.as_ref().is_some_and(|s| s.domain != domain) {
-            *self.spare = None;
+        match self.premade.fill(self.needs) {
+            fds::Fill::Made => true,
+            fds::Fill::Exhausted => false,
+            fds::Fill::Unmade => self.budget.room_for_one(),
         }
-        if self.spare.is_none() {
-            match Spare::new(domain) {
-                Ok(s) => *self.spare = Some(s),
-                Err(e) if fds::is_fd_exhaustion(&e) => return false,
-                // Not about descriptors (e.g. no IPv6 here): the connection
-                // makes its own socket and reports why that fails.
-                Err(_) => return self.budget.room_for_one(),
-            }
-        }
-        self.budget.room_for_pending()
     }
 }
 
@@ -585,8 +647,9 @@ async fn next_client(
     stop: &mut watch::Receiver<bool>,
 ) -> Option<(std::net::TcpStream, SocketAddr)> {
     loop {
-        // The descriptor check runs right before each accept attempt
-        // (inside the same poll), so nothing can take the room it saw.
+        // The upstream socket is made right before each accept attempt
+        // (inside the same poll), on this thread: nothing can take the
+        // room it needs.
         let attempt = std::future::poll_fn(|cx| {
             if !room.for_one() {
                 return Poll::Ready(Err(None));
@@ -646,18 +709,18 @@ async fn handle(
     fwd: &Fwd,
     (upstreams, settings): (&Arc<Upstreams>, Arc<Settings>),
     (own, worker): (&Arc<OwnUpstreams>, &Worker),
-    reserved: Reserved,
+    premade: Premade,
 ) {
     let (source, stats) = (&fwd.origin.source, &fwd.origin.stats);
     let settings = &settings;
     // Pick a backend and connect (retrying the next healthy one); the lease
     // counts this connection against its backend until it ends. The
-    // reserved socket (or place in `pending`) goes to the first attempt.
-    let reserved = Rc::new(RefCell::new(Some(reserved)));
+    // premade socket goes to the first attempt.
+    let premade = Rc::new(RefCell::new(Some(premade)));
     let attempt = |target: crate::config::Target| {
-        let (own, origin, reserved) = (own.clone(), fwd.origin.clone(), reserved.clone());
+        let (own, origin, premade) = (own.clone(), fwd.origin.clone(), premade.clone());
         async move {
-            connect(&target, &own, &origin, &reserved)
+            connect(&target, &own, &origin, &premade)
                 .await
                 .map_err(|(e, looped)| match looped {
                     true => AttemptError::Stop(e),
@@ -704,9 +767,9 @@ async fn handle(
         stats: stats.clone(),
         settings: settings.clone(),
     };
-    worker.live.borrow_mut().insert(id, fds);
+    worker.relaying(id, fds);
     let result = worker.engine.relay(conn).await;
-    worker.live.borrow_mut().remove(&id);
+    worker.relayed(id);
     let looped = registration.looped();
     if !looped {
         // A connection got through: a loop episode on this forward is over.
@@ -734,7 +797,7 @@ async fn connect(
     target: &crate::config::Target,
     own: &Arc<OwnUpstreams>,
     origin: &Origin,
-    reserved: &RefCell<Option<Reserved>>,
+    premade: &RefCell<Option<Premade>>,
 ) -> Result<(TcpStream, SocketAddr, Registration), (io::Error, bool)> {
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
@@ -748,7 +811,7 @@ async fn connect(
     };
     let mut last = io::Error::new(io::ErrorKind::NotFound, "name resolved to no address");
     for addr in addrs {
-        match connect_one(addr, own, origin, reserved).await {
+        match connect_one(addr, own, origin, premade).await {
             Ok((s, reg)) => return Ok((s, addr, reg)),
             Err((e, true)) => return Err((e, true)),
             Err((e, false)) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
@@ -758,33 +821,26 @@ async fn connect(
 }
 
 /// One non-blocking `connect(2)`. The socket is registered for the loop
-/// check with the table locked across the call, so the accept loop (on the
-/// first worker's thread) cannot check a client before its record is in
+/// check with the table locked across the call, so an accept loop (on any
+/// worker's thread) cannot check a client before its record is in
 /// (see [`OwnUpstreams::connect_registered`]). The first attempt uses the
-/// socket the accept loop made (when its family fits); the descriptor
-/// reservation is released once the socket exists.
+/// socket the accept loop made (when its family fits).
 async fn connect_one(
     addr: SocketAddr,
     own: &Arc<OwnUpstreams>,
     origin: &Origin,
-    reserved: &RefCell<Option<Reserved>>,
+    premade: &RefCell<Option<Premade>>,
 ) -> Result<(TcpStream, Registration), (io::Error, bool)> {
     let plain = |e: io::Error| (e, false);
     let domain = socket2::Domain::for_address(addr);
-    let (premade, pending) = match reserved.borrow_mut().take() {
-        Some(Reserved { premade, pending }) => (premade, pending),
-        None => (None, None),
+    // The first attempt takes the premade socket of its family (the other
+    // one, if any, is closed); a later attempt, or a family none was made
+    // for, makes its own.
+    let made = premade.borrow_mut().take();
+    let sock = match made.and_then(|p| p.into_socket(domain)) {
+        Some(sock) => sock,
+        None => fds::socket(domain).map_err(plain)?,
     };
-    let sock = match premade {
-        Some(premade) if premade.domain == domain => premade.socket,
-        // No socket yet, or one of the other family (dropped first).
-        other => {
-            drop(other);
-            Spare::new(domain).map_err(plain)?.socket
-        }
-    };
-    // The socket exists: its place in `pending` is free again.
-    drop(pending);
     let registration = own
         .connect_registered(addr, origin.clone(), || {
             match sock.connect(&addr.into()) {

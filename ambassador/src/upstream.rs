@@ -176,11 +176,16 @@ impl Upstreams {
 
     /// The address family every backend's socket will have, when all of
     /// them are IP addresses of one family (the accept loop then makes the
-    /// next upstream socket before it accepts, see `server.rs`); `None`
-    /// with a hostname (resolved per connection), mixed families or no
-    /// backend.
+    /// next upstream socket of that family before it accepts, and one of
+    /// each otherwise: see `server/fds.rs`); `None` with a hostname
+    /// (resolved per connection), mixed families or no backend.
     pub fn family(&self) -> Option<socket2::Domain> {
         self.family
+    }
+
+    /// Has this forward no backend (e.g. none registered in etcd yet)?
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
     }
 
     /// The forward's source (variable or flag), for logs.

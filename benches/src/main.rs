@@ -20,7 +20,8 @@
 //! turn (the order rotates each round), so slow drift of a shared machine hits
 //! all rows alike. After the timed rounds, each row is started once more and
 //! traced (`syscalls.rs`): strace slows a proxy, so it never runs while timing.
-//! All traffic is loopback; every tool runs for a fixed time under a hard limit.
+//! All traffic is loopback, in a network namespace of the run's own (see
+//! [`sys::own_netns`]); every tool runs for a fixed time under a hard limit.
 
 mod peers;
 mod plot;
@@ -100,6 +101,7 @@ fn main() -> Result<()> {
     if !o.render.is_empty() {
         return render(&o);
     }
+    sys::own_netns()?;
     let nofile = sys::raise_nofile();
     let mode = if o.smoke {
         "smoke"

@@ -214,6 +214,35 @@ pub fn free_port() -> Result<u16> {
 
 /// Raise our soft RLIMIT_NOFILE to the hard limit (no CAP_SYS_RESOURCE here, so
 /// never above it); children inherit it. Returns the new limit.
+/// Move this process (and so everything it starts) into a network
+/// namespace of its own, with only loopback up; the kernel removes it when
+/// the last process in it exits. Call it before any thread is started: it
+/// moves the calling thread, and threads started later inherit it.
+///
+/// Why: the host's firewall rules (Docker's, once the docker tests ran)
+/// turn connection tracking on in the initial namespace, and at 10,000
+/// connections a second, two entries each, held 120 s in TIME_WAIT, its
+/// table (262,144 here) fills within a run and the kernel drops SYNs: a row
+/// then measured a few hundred conn/s, or wrk hung past its limit. A fresh
+/// namespace has no rules, so no tracking.
+pub fn own_netns() -> Result<()> {
+    // SAFETY: unshare(2) with a flag, no memory passed.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "unshare(CLONE_NEWNET): {} (the benchmark needs CAP_SYS_ADMIN)",
+            std::io::Error::last_os_error()
+        );
+    }
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .context("ip link set lo up")?;
+    if !up.success() {
+        bail!("ip link set lo up: {up}");
+    }
+    Ok(())
+}
+
 pub fn raise_nofile() -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,

@@ -7,28 +7,31 @@
 //! accepting it: a client left in the kernel's backlog just waits (its
 //! handshake is done, its bytes are buffered) until we take it.
 //!
-//! So a client is accepted only once its upstream socket is sure to get a
-//! descriptor. When every backend of the forward is an IP address of one
-//! family (the usual case), the accept loop simply makes the upstream
-//! socket *before* it accepts ([`Spare`]; `socket(2)` failing with EMFILE
-//! means: do not accept yet), and `accept4(2)` itself then fails with
-//! EMFILE, harmlessly, when there is no descriptor for the client. That
-//! costs no syscall beyond the two the connection needs anyway.
-//!
+//! So a client is accepted only once its upstream socket exists: the
+//! accept loop makes the upstream socket *before* it accepts ([`Premade`];
+//! `socket(2)` failing with EMFILE means: do not accept yet), and
+//! `accept4(2)` itself then fails with EMFILE, harmlessly, when there is no
+//! descriptor for the client. When every backend of the forward is an IP
+//! address of one family (the usual case) that is one socket of that
+//! family, and costs no syscall beyond the two the connection needs anyway.
 //! Otherwise (a hostname, resolved per connection, or mixed families) the
-//! family of the upstream socket is unknown until the connection resolves
-//! it, and [`FdBudget`] checks for room: it duplicates a spare `/dev/null`
-//! descriptor `2 + pending` times and closes the copies again, where
-//! `pending` counts clients accepted whose upstream socket is not open yet
-//! (each still needs one). If that fails we do not accept. This costs two
-//! `fcntl(F_DUPFD_CLOEXEC)` and two `close` per connection.
+//! family is unknown until the connection resolves it, so the loop makes
+//! one socket of each family and the connection closes the one it does
+//! not use: one `socket` and one `close` more per connection.
 //!
-//! Both need no bookkeeping of every descriptor the process opens, and are
-//! exact because every accept loop runs on one thread (the first worker;
-//! the others only connect and relay, see `server/workers.rs`): a worker's
-//! upstream socket is counted in `pending` until it exists, so nothing can
-//! take the room the check saw before the accept (a premade socket is
-//! checked for pending ones too, at no cost while there are none).
+//! That is exact without bookkeeping of every descriptor the process opens,
+//! and without a lock between the workers (each runs its own accept loops,
+//! see `server/workers.rs`): every descriptor a connection needs is taken
+//! by the thread that accepts it, before or by the accept. (We measured
+//! the alternative, a check of free descriptors and the accept under one
+//! lock shared by the workers: the lock cost 1.5 `futex` calls per
+//! connection with two workers, and about 5% of the connection rate.)
+//! Only when neither family's socket can be made for a reason that is not
+//! about descriptors (say IPv6 is off and the backend is an IPv6 address)
+//! does the loop fall back to checking for two free descriptors
+//! ([`FdBudget::room_for_one`]: it duplicates a spare `/dev/null`
+//! descriptor twice and closes the copies again); the connection then
+//! reports why its own socket failed.
 //!
 //! While out of descriptors an accept loop retries after a back-off that
 //! doubles from 10 ms to 1 s. The process logs ONE warning when an episode
@@ -41,7 +44,7 @@
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::Duration;
 
 /// First and longest wait before retrying while out of descriptors.
@@ -55,7 +58,6 @@ pub const EPISODE_MARGIN: usize = 16;
 /// process's).
 pub struct FdBudget {
     spare: File,
-    pending: AtomicUsize,
     /// An out-of-descriptors episode is going on (its warning was logged).
     exhausted: AtomicBool,
     /// This episode's `accepting again` line was logged.
@@ -66,25 +68,15 @@ impl FdBudget {
     pub fn new() -> io::Result<Arc<Self>> {
         Ok(Arc::new(FdBudget {
             spare: File::open("/dev/null")?,
-            pending: AtomicUsize::new(0),
             exhausted: AtomicBool::new(false),
             resumed: AtomicBool::new(false),
         }))
     }
 
     /// Is there room for one more connection (its client and its upstream
-    /// socket, plus the upstream sockets of the clients still connecting)?
+    /// socket)? Only for a loop that could not premade a socket.
     pub fn room_for_one(&self) -> bool {
-        self.room_for(2 + self.pending.load(SeqCst))
-    }
-
-    /// Is there room for the upstream sockets of the clients still
-    /// connecting? (No syscall while there are none.)
-    pub fn room_for_pending(&self) -> bool {
-        match self.pending.load(SeqCst) {
-            0 => true,
-            n => self.room_for(n),
-        }
+        self.room_for(2)
     }
 
     fn room_for(&self, n: usize) -> bool {
@@ -125,49 +117,109 @@ impl FdBudget {
         if !self.resumed.swap(true, SeqCst) {
             tracing::info!(forward = %forward, "accepting again");
         }
-        if self.room_for(2 + self.pending.load(SeqCst) + EPISODE_MARGIN) {
+        if self.room_for(2 + EPISODE_MARGIN) {
             self.exhausted.store(false, SeqCst);
             tracing::debug!("out-of-descriptors episode over");
         }
     }
-
-    /// Count a client whose upstream socket is not open yet, until the
-    /// guard is dropped.
-    pub fn pending(self: &Arc<Self>) -> Pending {
-        self.pending.fetch_add(1, SeqCst);
-        Pending(self.clone())
-    }
-}
-
-/// See [`FdBudget::pending`].
-pub struct Pending(Arc<FdBudget>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, SeqCst);
-    }
 }
 
 /// The next connection's upstream socket, made before its client is
-/// accepted (see the module doc): non-blocking and close-on-exec.
-pub struct Spare {
-    pub domain: socket2::Domain,
-    pub socket: socket2::Socket,
+/// accepted (see the module doc): non-blocking and close-on-exec. One of
+/// the forward's family, or one of each when that is not known.
+#[derive(Default)]
+pub struct Premade {
+    v4: Option<socket2::Socket>,
+    v6: Option<socket2::Socket>,
 }
 
-impl Spare {
-    pub fn new(domain: socket2::Domain) -> io::Result<Spare> {
-        let ty = socket2::Type::STREAM.nonblocking().cloexec();
-        let socket = socket2::Socket::new(domain, ty, None)?;
-        Ok(Spare { domain, socket })
+/// The upstream socket(s) the next connection of a forward may need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needs {
+    /// None: the forward has no backend (the client is closed at once).
+    Nothing,
+    /// Every backend is an IP address of this family.
+    One(socket2::Domain),
+    /// A hostname, or both families: one socket of each.
+    Either,
+}
+
+impl Needs {
+    /// What a forward with `backends`' family (see
+    /// [`crate::upstream::Upstreams::family`]) needs.
+    pub fn of(upstreams: &crate::upstream::Upstreams) -> Needs {
+        match upstreams.family() {
+            Some(d) => Needs::One(d),
+            None if upstreams.is_empty() => Needs::Nothing,
+            None => Needs::Either,
+        }
     }
 }
 
-/// What an accepted client holds for its upstream socket: the socket
-/// itself, or its place in `pending` until that socket exists.
-pub struct Reserved {
-    pub premade: Option<Spare>,
-    pub pending: Option<Pending>,
+/// What [`Premade::fill`] says about the next accept.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Every socket the next connection may need exists.
+    Made,
+    /// Out of descriptors: do not accept.
+    Exhausted,
+    /// No socket could be made, for a reason that is not about
+    /// descriptors: the connection makes its own (and says why it fails).
+    Unmade,
+}
+
+impl Premade {
+    /// Make what is missing for the next connection.
+    pub fn fill(&mut self, needs: Needs) -> Fill {
+        let wanted = |d| match needs {
+            Needs::Nothing => false,
+            Needs::One(f) => f == d,
+            Needs::Either => true,
+        };
+        let mut made = false;
+        for (domain, slot) in [
+            (socket2::Domain::IPV4, &mut self.v4),
+            (socket2::Domain::IPV6, &mut self.v6),
+        ] {
+            if !wanted(domain) {
+                *slot = None;
+                continue;
+            }
+            if slot.is_none() {
+                match socket(domain) {
+                    Ok(s) => *slot = Some(s),
+                    Err(e) if is_fd_exhaustion(&e) => return Fill::Exhausted,
+                    Err(_) => continue,
+                }
+            }
+            made = true;
+        }
+        if made || needs == Needs::Nothing {
+            Fill::Made
+        } else {
+            Fill::Unmade
+        }
+    }
+
+    /// Take what was made for the client just accepted (leaves this empty).
+    pub fn take(&mut self) -> Premade {
+        std::mem::take(self)
+    }
+
+    /// The socket for `domain` if one was made; the other is closed.
+    pub fn into_socket(self, domain: socket2::Domain) -> Option<socket2::Socket> {
+        if domain == socket2::Domain::IPV6 {
+            self.v6
+        } else {
+            self.v4
+        }
+    }
+}
+
+/// A new upstream socket: non-blocking and close-on-exec.
+pub fn socket(domain: socket2::Domain) -> io::Result<socket2::Socket> {
+    let ty = socket2::Type::STREAM.nonblocking().cloexec();
+    socket2::Socket::new(domain, ty, None)
 }
 
 /// Is this accept error "no descriptor for the new socket"?
@@ -204,6 +256,36 @@ impl Default for Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use socket2::Domain;
+
+    fn made(p: &Premade) -> (bool, bool) {
+        (p.v4.is_some(), p.v6.is_some())
+    }
+
+    /// One family: one socket, and a change of family drops the other.
+    /// Unknown: one of each, and the connection keeps the one it uses.
+    /// No backend: nothing.
+    #[test]
+    fn premade_sockets_follow_what_the_forward_needs() {
+        let mut p = Premade::default();
+        assert_eq!(p.fill(Needs::One(Domain::IPV4)), Fill::Made);
+        assert_eq!(made(&p), (true, false));
+        assert_eq!(p.fill(Needs::Either), Fill::Made);
+        let v6 = p.v6.is_some(); // false where IPv6 is off
+        assert_eq!(made(&p), (true, v6));
+        let taken = p.take();
+        assert_eq!(made(&p), (false, false), "taken by the connection");
+        let s = taken.into_socket(Domain::IPV4).expect("the IPv4 socket");
+        assert_eq!(s.domain().unwrap(), Domain::IPV4);
+        assert!(s.nonblocking().unwrap());
+        if v6 {
+            assert_eq!(p.fill(Needs::One(Domain::IPV6)), Fill::Made);
+            assert_eq!(made(&p), (false, true));
+        }
+        assert_eq!(p.fill(Needs::Nothing), Fill::Made);
+        assert_eq!(made(&p), (false, false));
+    }
 
     #[test]
     fn backoff_grows_to_a_second() {

@@ -5,23 +5,36 @@
 //! engine), so the engines stay exactly as they are: every connection lives
 //! and dies on one thread, with no locks on its path.
 //!
-//! **Accepting stays on the first worker** (the thread that runs the
-//! server), which hands each accepted client round-robin to a worker; that
-//! worker connects upstream and relays. We measured nothing yet that says
-//! an accept loop per worker on SO_REUSEPORT listeners would be faster on
-//! two CPUs, and one accept loop keeps three things exact that SO_REUSEPORT
-//! would break (each listener has its own accept queue, and a client hashed
-//! to a busy worker's queue waits even while another worker is idle):
+//! **Every worker accepts.** A forward's listening socket is one socket
+//! with one accept queue; each worker registers its own duplicate of the
+//! descriptor (`dup(2)`) with its own reactor and runs the forward's accept
+//! loop, so a client is accepted, connected upstream and relayed by one
+//! thread, with no hand-over between threads. (Before: worker 0 accepted
+//! for all and sent each client to the next worker over a channel, which
+//! cost an `eventfd` wake-up and an `epoll_wait` of the receiving worker
+//! per connection; see docs/benchmarks.md.) We chose one shared queue over
+//! SO_REUSEPORT (one socket and queue per worker): a queue per worker makes
+//! a client hashed to a busy worker wait while another worker is idle, can
+//! keep a `--max-conns` slot waiting on an empty queue while a client waits
+//! in another, and lets a second process that binds the port with
+//! SO_REUSEPORT take a share of the clients instead of failing with
+//! EADDRINUSE. One queue keeps these exact:
 //!
-//! - `--max-conns` is one semaphore per forward, taken before the accept,
+//! - `--max-conns` is one semaphore per forward (tokio's, first come first
+//!   served), taken before the accept by whichever worker's loop is next,
 //!   so the limit is global and a waiting client is the next one admitted;
-//! - the descriptor budget (`server/fds.rs`) checks and accepts on one
-//!   thread, so it stays exact;
+//! - the descriptor budget (`server/fds.rs`) checks and accepts under one
+//!   lock, so it stays exact across threads;
 //! - clients are accepted in connect order.
 //!
-//! The hand-over is a `Job` (a closure that spawns the connection's task)
-//! on the worker's unbounded channel: one wake-up of the worker's runtime
-//! per connection. Everything a job carries is `Send`: the std sockets,
+//! Every worker's reactor is told of each new client; the ones that lose
+//! the race see EAGAIN and wait again (with two workers, at most one empty
+//! `accept4` per client, and none while the workers are busy, when the
+//! readiness is only noted).
+//!
+//! What crosses threads is a [`Job`] (a closure) on a worker's unbounded
+//! channel: once per forward and worker, to start that worker's accept
+//! loop. Everything a job carries is `Send`: the listener's duplicate,
 //! `Arc`s of the forward's state (backends and health behind one mutex,
 //! counters as atomics, the loop-check table).
 //!
@@ -29,31 +42,60 @@
 //! per-connection bookkeeping) is single-threaded; the server logs that at
 //! start-up.
 //!
-//! Drain and abort need nothing per worker but this: every worker installs
-//! a receiver of the one abort signal ([`crate::engine::Abort`]) and, when
-//! it is raised, sets SO_LINGER 0 on the sockets of its own live
-//! connections (its table is its own, so no socket can close under it).
+//! Drain and abort: every worker installs a receiver of the one abort
+//! signal ([`crate::engine::Abort`]), which its engine watches; and before
+//! raising it the server itself sets SO_LINGER 0 on the sockets of every
+//! worker's live connections ([`Workers::reset_all_live`]), so that when a
+//! forced stop exits at once, every stream is cut with a reset whichever
+//! worker it was on. Each worker's table of live sockets sits behind a
+//! mutex for this: taken twice per connection by its own worker (never
+//! contended but at that moment), and an entry is removed before its
+//! sockets can close, so no socket can close while the server walks it.
 
 use crate::engine::{Abort, Engine};
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch};
 
-/// What the accept side sends a worker: run this on your thread.
+/// What worker 0 sends another worker: run this on your thread.
 pub(crate) type Job = Box<dyn FnOnce(&Rc<Worker>) + Send>;
 
 /// One worker, as its own thread sees it.
 pub(crate) struct Worker {
     pub engine: Rc<Engine>,
-    /// The sockets of every connection this worker's engine is relaying,
-    /// by id: see [`Worker::reset_all_live`].
-    pub live: RefCell<HashMap<u64, [RawFd; 2]>>,
+    live: Arc<Live>,
     counts: Arc<Counts>,
+}
+
+/// The sockets of every connection a worker's engine is relaying, by id:
+/// see [`Workers::reset_all_live`].
+#[derive(Default)]
+pub(crate) struct Live(Mutex<HashMap<u64, [RawFd; 2]>>);
+
+impl Live {
+    fn table(&self) -> MutexGuard<'_, HashMap<u64, [RawFd; 2]>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Set SO_LINGER 0 on both sockets of every connection in the table,
+    /// so that however they are closed (by the engine, or by the process
+    /// exiting) the peers see RST.
+    fn reset_all(&self) {
+        for fds in self.table().values() {
+            for &fd in fds {
+                // Safety: an entry is in the table only while its engine's
+                // `relay` runs (it is removed, under this lock, after
+                // `relay` returns), and every engine keeps both sockets open
+                // until `relay` returns; the lock is held for this loop.
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+                crate::engine::set_reset_on_close(&fd);
+            }
+        }
+    }
 }
 
 /// One worker's connection counters (read by the stats line).
@@ -78,12 +120,24 @@ impl Drop for Counted {
 }
 
 impl Worker {
-    fn new(engine: Rc<Engine>, counts: Arc<Counts>) -> Rc<Worker> {
+    fn new(engine: Rc<Engine>, live: Arc<Live>, counts: Arc<Counts>) -> Rc<Worker> {
         Rc::new(Worker {
             engine,
-            live: RefCell::default(),
+            live,
             counts,
         })
+    }
+
+    /// Connection `id`'s sockets are live on this worker's engine (until
+    /// [`Worker::relayed`]).
+    pub fn relaying(&self, id: u64, fds: [RawFd; 2]) {
+        self.live.table().insert(id, fds);
+    }
+
+    /// Connection `id`'s `relay` returned: call it before its sockets
+    /// close.
+    pub fn relayed(&self, id: u64) {
+        self.live.table().remove(&id);
     }
 
     /// Count a connection on this worker until the guard is dropped.
@@ -93,34 +147,18 @@ impl Worker {
         super::memory::opened();
         Counted(self.counts.clone())
     }
-
-    /// Set SO_LINGER 0 on both sockets of every live connection of this
-    /// worker, so that however they are closed (by the engine, or by the
-    /// process exiting) the peers see RST.
-    pub fn reset_all_live(&self) {
-        for fds in self.live.borrow().values() {
-            for &fd in fds {
-                // Safety: an entry lives only while its engine's `relay`
-                // runs, and every engine keeps both sockets open until
-                // `relay` returns; this worker's runtime is single-threaded
-                // and the table is its own, so no socket of it can close
-                // while this loop runs.
-                let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-                crate::engine::set_reset_on_close(&fd);
-            }
-        }
-    }
 }
 
-/// The accept side's handle on every worker.
+/// Worker 0's handle on every worker.
 pub(crate) struct Workers {
     /// Worker 0: the server's own thread.
     local: Rc<Worker>,
     /// Workers 1..: their job channels.
     remote: Vec<mpsc::UnboundedSender<Job>>,
-    next: Cell<usize>,
     /// Every worker's counters, worker 0 first.
     counts: Vec<Arc<Counts>>,
+    /// Every worker's live sockets, worker 0 first.
+    live: Vec<Arc<Live>>,
 }
 
 impl Workers {
@@ -130,15 +168,17 @@ impl Workers {
     pub fn start(n: usize, engine: Rc<Engine>, abort: watch::Receiver<bool>) -> io::Result<Self> {
         let uring = matches!(*engine, Engine::Uring);
         let counts: Vec<Arc<Counts>> = (0..n.max(1)).map(|_| Arc::default()).collect();
+        let live: Vec<Arc<Live>> = (0..n.max(1)).map(|_| Arc::default()).collect();
         let mut remote = Vec::new();
-        for (i, c) in counts.iter().enumerate().skip(1) {
-            remote.push(spawn(i, uring, c.clone(), abort.clone())?);
+        for i in 1..counts.len() {
+            let state = (live[i].clone(), counts[i].clone());
+            remote.push(spawn(i, uring, state, abort.clone())?);
         }
         Ok(Workers {
-            local: Worker::new(engine, counts[0].clone()),
+            local: Worker::new(engine, live[0].clone(), counts[0].clone()),
             remote,
-            next: Cell::new(0),
             counts,
+            live,
         })
     }
 
@@ -151,16 +191,17 @@ impl Workers {
         &self.local
     }
 
-    /// Run `job` on the next worker, round-robin (on this one if that
-    /// worker is gone, which only happens when its thread panicked).
-    pub fn dispatch(&self, job: impl FnOnce(&Rc<Worker>) + Send + 'static) {
-        let i = self.next.get();
-        self.next.set((i + 1) % self.len());
-        if i == 0 {
-            return job(&self.local);
-        }
-        if let Err(mpsc::error::SendError(job)) = self.remote[i - 1].send(Box::new(job)) {
-            job(&self.local);
+    /// Run `job` on worker `index` (1..): false if that worker is gone,
+    /// which only happens when its thread panicked.
+    pub fn send(&self, index: usize, job: Job) -> bool {
+        self.remote[index - 1].send(job).is_ok()
+    }
+
+    /// Set SO_LINGER 0 on both sockets of every live connection of every
+    /// worker (see the module doc), before the abort is raised.
+    pub fn reset_all_live(&self) {
+        for live in &self.live {
+            live.reset_all();
         }
     }
 
@@ -183,14 +224,14 @@ impl Workers {
 fn spawn(
     index: usize,
     uring: bool,
-    counts: Arc<Counts>,
+    state: (Arc<Live>, Arc<Counts>),
     abort: watch::Receiver<bool>,
 ) -> io::Result<mpsc::UnboundedSender<Job>> {
     let (tx, rx) = mpsc::unbounded_channel::<Job>();
     let (up_tx, up_rx) = std::sync::mpsc::channel::<io::Result<()>>();
     std::thread::Builder::new()
         .name(format!("ambassador-w{index}"))
-        .spawn(move || run(uring, counts, abort, rx, up_tx))?;
+        .spawn(move || run(uring, state, abort, rx, up_tx))?;
     up_rx
         .recv()
         .unwrap_or_else(|_| Err(io::Error::other(format!("worker {index} did not start"))))?;
@@ -200,13 +241,13 @@ fn spawn(
 /// A worker thread: its runtime, then jobs until the server is gone.
 fn run(
     uring: bool,
-    counts: Arc<Counts>,
+    (live, counts): (Arc<Live>, Arc<Counts>),
     abort: watch::Receiver<bool>,
     jobs: mpsc::UnboundedReceiver<Job>,
     up: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
     let engine = Rc::new(if uring { Engine::Uring } else { Engine::Epoll });
-    let body = serve(Worker::new(engine, counts), abort, jobs);
+    let body = serve(Worker::new(engine, live, counts), abort, jobs);
     if uring {
         match tokio_uring::Runtime::new(&tokio_uring::builder()) {
             Ok(rt) => {
@@ -239,11 +280,6 @@ async fn serve(
     mut jobs: mpsc::UnboundedReceiver<Job>,
 ) {
     Abort::install_rx(abort);
-    let w = worker.clone();
-    tokio::task::spawn_local(async move {
-        Abort::current().raised().await;
-        w.reset_all_live();
-    });
     while let Some(job) = jobs.recv().await {
         job(&worker);
     }

@@ -445,7 +445,7 @@ fn out_of_descriptors_stops_accepting_and_resumes(mode: &str) {
     }
     // Room for SERVE connections (two descriptors each) beyond what the
     // engine holds once ready (its listener, epolls, io_uring rings, BPF
-    // maps, and the next client's upstream socket, made before the accept:
+    // maps, and each worker's next upstream socket, made before the accept:
     // `server/fds.rs`, which lets a 15th in): 20 clients leave 5 or 6 in
     // the backlog, and each served one closed makes room for one of them.
     const SERVE: u64 = 14;

@@ -74,7 +74,8 @@ impl FdBudget {
     }
 
     /// Is there room for one more connection (its client and its upstream
-    /// socket)? Only for a loop that could not premade a socket.
+    /// socket)? Only for a loop that could make no upstream socket in
+    /// advance.
     pub fn room_for_one(&self) -> bool {
         self.room_for(2)
     }

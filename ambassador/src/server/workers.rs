@@ -23,9 +23,11 @@
 //! - `--max-conns` is one semaphore per forward (tokio's, first come first
 //!   served), taken before the accept by whichever worker's loop is next,
 //!   so the limit is global and a waiting client is the next one admitted;
-//! - the descriptor budget (`server/fds.rs`) checks and accepts under one
-//!   lock, so it stays exact across threads;
 //! - clients are accepted in connect order.
+//!
+//! The descriptor budget (`server/fds.rs`) needs no lock between the
+//! workers: each accept loop makes the sockets a connection needs before
+//! it accepts.
 //!
 //! Every worker's reactor is told of each new client; the ones that lose
 //! the race see EAGAIN and wait again (with two workers, at most one empty

@@ -10,12 +10,33 @@ mod support;
 use std::process::Command;
 use support::*;
 
-fn write(name: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("amb-config-file-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// A config file in the temp dir, removed when the test is done with it.
+struct Written(String);
+
+impl std::ops::Deref for Written {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn write(name: &str, text: &str) -> Written {
+    let file = format!("amb-config-file-{}-{name}", std::process::id());
+    let path = std::env::temp_dir().join(file);
     std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
+    Written(path.to_string_lossy().into_owned())
 }
 
 const FULL: &str = r#"

@@ -145,6 +145,47 @@ fn upstream_resets(mode: &str) {
     assert_eq!(&b, b"ping");
 }
 
+/// The upstream sends exactly one small read's worth (4 KiB, the uring
+/// engine's first read) and resets at once, so the reset may be seen by
+/// whatever read follows the data (the uring engine's non-blocking top-up,
+/// the epoll engine's read after a short one): every time, the client sees
+/// a reset after a prefix of the bytes, never a clean EOF.
+fn upstream_resets_right_after_4kib(mode: &str) {
+    const N: u64 = 4096;
+    let (port, _) = serve(|mut s| {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        send_stream(&mut s, 9, N).unwrap();
+        reset(s);
+    });
+    let p = Proxy::forward(mode, &format!("127.0.0.1:{port}"), &[]);
+    for round in 0..20 {
+        let mut c = p.connect();
+        c.write_all(b"x").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        let end = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(
+            matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "round {round}: client must see a reset after {} bytes, got {end:?}\n{}",
+            got.len(),
+            p.log()
+        );
+        assert!(got.len() as u64 <= N, "round {round}: {} bytes", got.len());
+        assert_eq!(
+            check_stream(&mut &got[..], 9, got.len() as u64),
+            Ok(got.len() as u64),
+            "round {round}: the bytes before the reset are the stream's first ones"
+        );
+    }
+}
+
 /// The client resets: the upstream sees a reset too.
 fn client_resets(mode: &str) {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -395,6 +436,10 @@ macro_rules! engine_suite {
             #[test]
             fn upstream_resets() {
                 super::upstream_resets(MODE)
+            }
+            #[test]
+            fn upstream_resets_right_after_4kib() {
+                super::upstream_resets_right_after_4kib(MODE)
             }
             #[test]
             fn client_resets() {

@@ -16,8 +16,17 @@ use std::process::Command;
 use support::*;
 use support_docker::postgres::{Postgres, pg_tool, pgbench, psql};
 
+/// A config file in a directory of its own (removed with it when the test
+/// is done).
 struct ConfigFile {
+    dir: std::path::PathBuf,
     path: String,
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl ConfigFile {
@@ -26,6 +35,7 @@ impl ConfigFile {
         std::fs::create_dir_all(&dir).unwrap();
         ConfigFile {
             path: dir.join("amb.toml").to_string_lossy().into_owned(),
+            dir,
         }
     }
 

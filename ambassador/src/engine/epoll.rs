@@ -6,6 +6,13 @@
 //! bytes are actually in flight, so ten thousand idle connections cost no
 //! buffer memory at all.
 //!
+//! A read that fills less than the buffer has emptied the socket's receive
+//! queue, so it also clears the source's readiness (as tokio's own
+//! `AsyncRead` does on Linux): the next read waits for the next epoll event
+//! instead of costing a `recv` that says EAGAIN. Readiness is cleared only
+//! if no event came in since it was seen, and an EOF seen stays seen, so no
+//! byte or FIN can be missed.
+//!
 //! End of a direction: EOF on the source becomes `shutdown(SHUT_WR)` on the
 //! destination (half-close), and the other direction carries on until its
 //! own EOF. Any error (a reset on either side, a failed write) ends both
@@ -305,6 +312,23 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
     }
 }
 
+/// Read from `src`; a short read also clears its readiness (see the
+/// module doc).
+fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut short = None;
+    let r = src.try_io(tokio::io::Interest::READABLE, || match src.try_read(buf) {
+        Ok(n) if 0 < n && n < buf.len() => {
+            short = Some(n);
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        other => other,
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
 /// One direction: `src` → `dst` until EOF (then half-close `dst`) or a
 /// pause request (only ever between a completed write and the next read).
 async fn copy(
@@ -325,7 +349,7 @@ async fn copy(
             () = pause.change.notified(), if pause.promote.is_some() => continue,
         }
         let mut buf = PooledBuf::take();
-        let n = match src.try_read(&mut buf) {
+        let n = match read_draining(src, &mut buf) {
             Ok(0) => {
                 // The peer will send no more: pass the FIN on, while the other
                 // direction still flows. (When this is the last direction, the

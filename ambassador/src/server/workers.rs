@@ -53,6 +53,9 @@
 //! mutex for this: taken twice per connection by its own worker (never
 //! contended but at that moment), and an entry is removed before its
 //! sockets can close, so no socket can close while the server walks it.
+//!
+//! Every worker keeps one timer pending ([`tick`]), so that arming a
+//! connection's connect timeout never has to wake its own reactor.
 
 use crate::engine::{Abort, Engine};
 use std::collections::HashMap;
@@ -61,7 +64,29 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+
+/// How often a worker's runtime wakes with nothing to do (see [`tick`]).
+const TICK: Duration = Duration::from_secs(1);
+
+/// Keep one timer pending on this thread's runtime, always due within
+/// [`TICK`]. tokio's time driver wakes its reactor (an `eventfd` write, then
+/// one more event for the next `epoll_wait`) whenever a timer is armed
+/// earlier than the driver's next planned wake-up; with no timer pending,
+/// that is every timer, so every connection's connect timeout cost that
+/// wake-up. With the tick pending, a connect timeout of `TICK` or more is
+/// never the earliest timer and arming it wakes nothing (a shorter one
+/// still does, as before). Cost: one wake-up per second per idle worker.
+fn tick() {
+    tokio::task::spawn_local(async {
+        let mut every = tokio::time::interval(TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+        }
+    });
+}
 
 /// What worker 0 sends another worker: run this on your thread.
 pub(crate) type Job = Box<dyn FnOnce(&Rc<Worker>) + Send>;
@@ -171,6 +196,7 @@ impl Workers {
         let uring = matches!(*engine, Engine::Uring);
         let counts: Vec<Arc<Counts>> = (0..n.max(1)).map(|_| Arc::default()).collect();
         let live: Vec<Arc<Live>> = (0..n.max(1)).map(|_| Arc::default()).collect();
+        tick();
         let mut remote = Vec::new();
         for i in 1..counts.len() {
             let state = (live[i].clone(), counts[i].clone());
@@ -282,6 +308,7 @@ async fn serve(
     mut jobs: mpsc::UnboundedReceiver<Job>,
 ) {
     Abort::install_rx(abort);
+    tick();
     while let Some(job) = jobs.recv().await {
         job(&worker);
     }

@@ -102,6 +102,7 @@ fn main() -> Result<()> {
         return render(&o);
     }
     sys::own_netns()?;
+    sys::stop_children_on_signal()?;
     let nofile = sys::raise_nofile();
     let mode = if o.smoke {
         "smoke"

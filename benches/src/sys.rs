@@ -3,7 +3,10 @@
 //!
 //! Every process we start gets its own process group, so that a proxy that forks
 //! (socat) is accounted and stopped as one unit: CPU time and memory are summed
-//! over the group, and `Proc::drop` signals the whole group.
+//! over the group, and `Proc::drop` signals the whole group. A SIGINT, SIGTERM or
+//! SIGHUP to the harness stops every group still running before it exits
+//! ([`stop_children_on_signal`]): without it the signal's default action would
+//! skip every `drop` and leave the peers running.
 
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader};
@@ -17,6 +20,43 @@ use std::time::{Duration, Instant};
 fn hz() -> f64 {
     // Safety: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// The process groups of every live [`Proc`] and running [`run_capture`]. A
+/// spawn holds the lock from `fork` until its group is listed, so the signal
+/// thread, which holds it until the process exits, misses none.
+static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Spawn `cmd` (in a process group of its own) and list its group.
+fn spawn_tracked(cmd: &mut Command, prog: &str) -> Result<Child> {
+    let mut groups = GROUPS.lock().unwrap();
+    let child = cmd.spawn().with_context(|| format!("starting {prog}"))?;
+    groups.push(child.id() as i32);
+    Ok(child)
+}
+
+fn untrack(pg: i32) {
+    GROUPS.lock().unwrap().retain(|&g| g != pg);
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: SIGKILL every group we started, then exit
+/// with 128 + the signal's number (as a shell reports a death by signal).
+/// Call it after [`own_netns`]: it starts a thread.
+pub fn stop_children_on_signal() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let groups = GROUPS.lock().unwrap();
+            eprintln!("signal {sig}: stopping {} process group(s)", groups.len());
+            for &pg in groups.iter() {
+                // Safety: kill(2) of a process group we started.
+                unsafe { libc::kill(-pg, libc::SIGKILL) };
+            }
+            std::process::exit(128 + sig);
+        }
+    });
+    Ok(())
 }
 
 /// A process (group) we started. Stopped with SIGTERM, then SIGKILL, on drop.
@@ -37,7 +77,7 @@ impl Proc {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
-        let mut child = cmd.spawn().with_context(|| format!("starting {prog}"))?;
+        let mut child = spawn_tracked(&mut cmd, prog)?;
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let err = child.stderr.take().unwrap();
         let sink = stderr.clone();
@@ -137,6 +177,7 @@ impl Drop for Proc {
         }
         // Safety: as above; also reaps forked children left in the group.
         unsafe { libc::kill(-pg, libc::SIGKILL) };
+        untrack(pg);
         let _ = self.child.wait();
     }
 }
@@ -154,7 +195,15 @@ pub fn run_capture(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let mut child = cmd.spawn().with_context(|| format!("starting {prog}"))?;
+    let mut child = spawn_tracked(&mut cmd, prog)?;
+    let pg = child.id() as i32;
+    let result = wait_capture(&mut child, prog, limit);
+    untrack(pg);
+    result
+}
+
+/// The rest of [`run_capture`], for `child` just started.
+fn wait_capture(child: &mut Child, prog: &str, limit: Duration) -> Result<String> {
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let h = std::thread::spawn(move || {

@@ -14,7 +14,9 @@
 //! scratch directory (the two-cpu pass with only its throughput and
 //! connection-rate figures, syscalls over 100 connections in the same-core
 //! pass only); it checks only that every row produced every figure or its
-//! reason for not running. No timing is asserted anywhere.
+//! reason for not running. Then it starts the harness once more and sends it
+//! SIGTERM mid-figure: the harness must exit 143 having stopped every process
+//! it started. No timing is asserted anywhere.
 
 mod discovery;
 mod gateway;
@@ -145,7 +147,118 @@ pub fn smoke() -> Result<()> {
         out.display()
     );
     eprintln!("bench smoke: ok ({n} files in {})", out.display());
+    stops_its_peers_on_sigterm(&bin)
+}
+
+/// A SIGTERM to the harness mid-run stops every process it started (its
+/// peers live in process groups of their own, which the signal does not
+/// reach): the harness exits 128 + 15, and each of its children is gone.
+fn stops_its_peers_on_sigterm(bin: &std::path::Path) -> Result<()> {
+    let harness = crate::util::target_dir().join("release/ambassador-bench");
+    let out = std::env::temp_dir().join("ambassador-bench-sigterm");
+    let mut child = Command::new(&harness)
+        .args([
+            "--passes",
+            "same-core",
+            "--rows",
+            "direct",
+            "--figures",
+            "lat",
+        ])
+        .args([
+            "--rounds",
+            "1",
+            "--secs",
+            "30",
+            "--syscall-conns",
+            "0",
+            "--out",
+        ])
+        .arg(&out)
+        .arg("--bin")
+        .arg(bin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", harness.display()))?;
+    let pid = child.id();
+    // Wait (bounded) for its sockperf server: a peer in a group of its own
+    // (not `sockperf --version`, the harness's check for the tool).
+    let t0 = std::time::Instant::now();
+    let peers = loop {
+        let kids = children(pid);
+        if kids
+            .iter()
+            .any(|(_, cmd)| cmd.starts_with("sockperf server"))
+        {
+            break kids;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(60) || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            anyhow::bail!("bench sigterm check: no sockperf child within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // Safety: kill(2) of our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = child.wait()?;
+    anyhow::ensure!(
+        status.code() == Some(128 + libc::SIGTERM),
+        "bench sigterm check: the harness exited {status}, expected 143"
+    );
+    let t0 = std::time::Instant::now();
+    loop {
+        let left: Vec<_> = peers.iter().filter(|(p, _)| alive(*p)).collect();
+        if left.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "bench sigterm check: still running after the harness exited: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    eprintln!(
+        "bench sigterm check: ok ({} of its processes stopped)",
+        peers.len()
+    );
     Ok(())
+}
+
+/// The processes whose parent is `pid`: (pid, command line).
+fn children(pid: u32) -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split at the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            v.push((p, cmd.trim_end().to_string()));
+        }
+    }
+    v
+}
+
+/// Is `pid` running (not gone, not a zombie waiting for its new parent)?
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// `--discovery`: RSS, threads, etcd connections and change-to-first-connection

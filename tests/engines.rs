@@ -145,17 +145,23 @@ fn upstream_resets(mode: &str) {
     assert_eq!(&b, b"ping");
 }
 
-/// The upstream sends exactly one small read's worth (4 KiB, the uring
-/// engine's first read) and resets at once, so the reset may be seen by
-/// whatever read follows the data (the uring engine's non-blocking top-up,
-/// the epoll engine's read after a short one): every time, the client sees
-/// a reset after a prefix of the bytes, never a clean EOF.
+/// The upstream sends exactly one small read's worth (1 KiB, the uring
+/// engine's first read; then 4 KiB, four of them) and resets at once, so
+/// the reset may be seen by whatever read follows the data (the uring
+/// engine's non-blocking top-up, the epoll engine's read after a short
+/// one): every time, the client sees a reset after a prefix of the bytes,
+/// never a clean EOF.
 fn upstream_resets_right_after_4kib(mode: &str) {
-    const N: u64 = 4096;
-    let (port, _) = serve(|mut s| {
+    for n in [1024u64, 4096] {
+        upstream_resets_right_after(mode, n);
+    }
+}
+
+fn upstream_resets_right_after(mode: &str, n: u64) {
+    let (port, _) = serve(move |mut s| {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).unwrap();
-        send_stream(&mut s, 9, N).unwrap();
+        send_stream(&mut s, 9, n).unwrap();
         reset(s);
     });
     let p = Proxy::forward(mode, &format!("127.0.0.1:{port}"), &[]);
@@ -173,15 +179,15 @@ fn upstream_resets_right_after_4kib(mode: &str) {
         };
         assert!(
             matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "round {round}: client must see a reset after {} bytes, got {end:?}\n{}",
+            "{n} bytes, round {round}: client must see a reset after {} bytes, got {end:?}\n{}",
             got.len(),
             p.log()
         );
-        assert!(got.len() as u64 <= N, "round {round}: {} bytes", got.len());
+        assert!(got.len() as u64 <= n, "round {round}: {} bytes", got.len());
         assert_eq!(
             check_stream(&mut &got[..], 9, got.len() as u64),
             Ok(got.len() as u64),
-            "round {round}: the bytes before the reset are the stream's first ones"
+            "{n} bytes, round {round}: the bytes before the reset are the stream's first ones"
         );
     }
 }

@@ -180,7 +180,7 @@ pub fn run_with(
     // exiting lets the kernel close every socket at once, with the RST
     // that SO_LINGER 0 asks for.
     if uring {
-        let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).map_err(StartError::Runtime)?;
+        let rt = crate::engine::uring::runtime().map_err(StartError::Runtime)?;
         let stop = rt.block_on(serve);
         if !matches!(stop, Ok(Stop::Drained)) {
             std::mem::forget(rt);

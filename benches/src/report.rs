@@ -450,6 +450,35 @@ pub fn goals(p: &PassResult) -> Vec<Goal> {
             });
         }
     }
+    // Every engine at most HAProxy's idle memory per connection, proxy + kernel.
+    {
+        let idle = |r: &RowResult| {
+            Some(r.median("idle_proxy_kib_per_conn")? + r.median("idle_kernel_kib_per_conn")?)
+        };
+        let goal =
+            "every engine's idle memory per connection (proxy + kernel) ≤ HAProxy's".to_string();
+        let es: Vec<&RowResult> = engines(p)
+            .into_iter()
+            .filter(|r| !r.name.contains(" --"))
+            .collect();
+        match p.haproxy().and_then(idle) {
+            Some(hv) if !es.is_empty() => {
+                let (mut parts, mut ok) = (Vec::new(), true);
+                for r in es {
+                    if let Some(v) = idle(r) {
+                        ok &= v <= hv;
+                        parts.push(format!("{} {v:.1}", short(r)));
+                    }
+                }
+                g.push(Goal {
+                    measured: format!("{} KiB vs HAProxy {hv:.1}", parts.join(", ")),
+                    met: Some(ok),
+                    goal,
+                });
+            }
+            _ => g.push(na(goal)),
+        }
+    }
     // auto within 5% of the best engine, per workload.
     {
         let keys = [
@@ -753,6 +782,41 @@ mod tests {
         );
         // sockmap has no --workers 1 row: no pair, no line.
         assert!(!s.contains("| sockmap |"), "{s}");
+    }
+
+    #[test]
+    fn the_idle_memory_goal_adds_proxy_and_kernel_and_skips_forced_rows() {
+        let idle = |name: &str, proxy: f64, kernel: f64| {
+            row(
+                name,
+                0,
+                &[
+                    ("idle_proxy_kib_per_conn", proxy),
+                    ("idle_kernel_kib_per_conn", kernel),
+                ],
+            )
+        };
+        let pass = |epoll_proxy: f64| PassResult {
+            pass: "same-core".into(),
+            rows: vec![
+                idle("haproxy", 3.3, 14.0),
+                idle("ambassador epoll", epoll_proxy, 13.6),
+                // Opt-in, not an engine as users run it: not judged.
+                idle("ambassador sockmap --splice always", 2.8, 16.6),
+            ],
+            ..Default::default()
+        };
+        let find = |p: &PassResult| {
+            goals(p)
+                .into_iter()
+                .find(|g| g.goal.starts_with("every engine's idle memory"))
+                .unwrap()
+        };
+        let g = find(&pass(3.4));
+        assert_eq!(g.met, Some(true), "{}", g.measured);
+        assert_eq!(g.measured, "epoll 17.0 KiB vs HAProxy 17.3");
+        let g = find(&pass(4.2));
+        assert_eq!(g.met, Some(false), "{}", g.measured);
     }
 
     #[test]

@@ -277,7 +277,7 @@ fn run(
     let engine = Rc::new(if uring { Engine::Uring } else { Engine::Epoll });
     let body = serve(Worker::new(engine, live, counts), abort, jobs);
     if uring {
-        match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+        match crate::engine::uring::runtime() {
             Ok(rt) => {
                 let _ = up.send(Ok(()));
                 rt.block_on(body);

@@ -93,10 +93,9 @@ static CTRL: HashMap<u64, DirCtrl> = HashMap::with_max_entries(N, NO_PREALLOC);
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(ambassador_common::EVENTS_BYTES, 0);
 
-/// Cookies of sockets to take out of `VERDICT` on the next iterator run
-/// (every connection that is leaving at once holds its two entries).
+/// Cookies of sockets to take out of `VERDICT` on the next iterator run.
 #[map(name = "LEAVING")]
-static LEAVING: HashMap<u64, u8> = HashMap::with_max_entries(N, NO_PREALLOC);
+static LEAVING: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
 
 /// `struct bpf_iter__tcp`: the context of a TCP iterator program.
 #[repr(C)]

@@ -138,7 +138,6 @@ impl Splicer {
             .map_max_entries(MAP_VERDICT, max_sockets)
             .map_max_entries(MAP_STATS, max_sockets)
             .map_max_entries(MAP_CTRL, max_sockets)
-            .map_max_entries(MAP_LEAVING, max_sockets)
             .load(OBJECT)
             .map_err(|e| reason_for_load(&e))?;
         let take = |ebpf: &mut Ebpf, name: &str| {

@@ -12,8 +12,6 @@
 //! - `CTRL[src]`    = [`DirCtrl`], written only by userspace
 //! - `EVENTS`       = ring buffer of cookies that need userspace now
 //!   (a direction started passing, or a resting one moved again)
-//! - `LEAVING[src]` = 1 while the socket is being taken out of `VERDICT`
-//!   by the TCP iterator program (under the socket lock, docs/sockmap.md)
 //!
 //! Splitting the counters (kernel-written) from the controls (user-written)
 //! keeps each map single-writer: the verdict for one socket always runs under
@@ -40,12 +38,6 @@ pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const GLOBAL_TRIM: &str = "TRIM";
 /// The verdict program's name in the object.
 pub const PROG_VERDICT: &str = "verdict";
-/// HASH: cookie -> 1 for each socket that is to leave `VERDICT` now; read
-/// by [`PROG_LEAVE`], written by userspace only.
-pub const MAP_LEAVING: &str = "LEAVING";
-/// The TCP iterator program (`iter/tcp`) that takes the sockets listed in
-/// [`MAP_LEAVING`] out of `VERDICT` while it holds each socket's lock.
-pub const PROG_LEAVE: &str = "leave";
 
 /// Default capacity of every map, in sockets (two per spliced connection).
 /// The loader may override it with `EbpfLoader::set_max_entries`.

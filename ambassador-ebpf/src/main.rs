@@ -26,13 +26,6 @@
 //! bytes, so they are never handed on twice. The cut happens last, after the
 //! verdict is decided, because each exit of the bounded cut loop makes the
 //! verifier walk whatever follows it. See docs/sockmap.md, "Overlapping skbs".
-//!
-//! The second program, `leave` (a TCP iterator), takes sockets out of
-//! `VERDICT` for userspace. The kernel runs it for every TCP socket of the
-//! network namespace with that socket locked (`lock_sock`), so a socket
-//! listed in `LEAVING` leaves while no verdict can run for it: a removal
-//! from plain userspace races with a verdict on another CPU, which then
-//! finds no program and drops the skb (docs/sockmap.md, "Lost segments").
 #![no_std]
 #![no_main]
 
@@ -40,7 +33,7 @@ use ambassador_common::{DirCtrl, DirStats, SEQ_TRACKING, SEQ_UNAVAILABLE};
 use aya_ebpf::{
     EbpfContext,
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_map_delete_elem, bpf_probe_read_kernel},
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -92,46 +85,6 @@ static CTRL: HashMap<u64, DirCtrl> = HashMap::with_max_entries(N, NO_PREALLOC);
 /// Cookies of sockets that just switched to passing: wakes userspace.
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(ambassador_common::EVENTS_BYTES, 0);
-
-/// Cookies of sockets to take out of `VERDICT` on the next iterator run.
-#[map(name = "LEAVING")]
-static LEAVING: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
-
-/// `struct bpf_iter__tcp`: the context of a TCP iterator program.
-#[repr(C)]
-pub struct IterTcp {
-    meta: *const core::ffi::c_void,
-    /// The socket, locked by the kernel for this call (NULL at the end).
-    sk_common: *mut core::ffi::c_void,
-    uid: u32,
-}
-
-/// For each TCP socket (locked): if it is listed in `LEAVING`, delete its
-/// `VERDICT` entry. Prints nothing; userspace checks the entry is gone.
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/tcp")]
-pub fn leave(ctx: *mut IterTcp) -> i32 {
-    // Safety: the kernel hands a valid `bpf_iter__tcp`; the verifier types
-    // `sk_common` as a nullable kernel pointer, checked before use.
-    let sk = unsafe { (*ctx).sk_common };
-    if sk.is_null() {
-        return 0;
-    }
-    // Safety: `sk` is a live socket the helper only reads.
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
-    // Safety: read-only lookup of a map value valid for this run.
-    if unsafe { LEAVING.get(&cookie) }.is_some() {
-        // Safety: `VERDICT` is a map definition in this object and `cookie`
-        // a key of its type; a missing key is an error value only.
-        unsafe {
-            bpf_map_delete_elem(
-                (&raw const VERDICT).cast_mut().cast(),
-                (&raw const cookie).cast(),
-            )
-        };
-    }
-    0
-}
 
 #[stream_verdict]
 pub fn verdict(ctx: SkBuffContext) -> u32 {

@@ -15,17 +15,16 @@
 //! maps lives in `ambassador-common`, shared with the program.
 
 use std::fmt;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use ambassador_common::{
-    DirCtrl, DirStats, GLOBAL_TRIM, MAP_CTRL, MAP_EVENTS, MAP_LEAVING, MAP_PEERS, MAP_STATS,
-    MAP_VERDICT, PROG_LEAVE, PROG_VERDICT, SEQ_TRACKING, WAKE_NEVER,
+    DirCtrl, DirStats, GLOBAL_TRIM, MAP_CTRL, MAP_EVENTS, MAP_PEERS, MAP_STATS, MAP_VERDICT,
+    PROG_VERDICT, SEQ_TRACKING, WAKE_NEVER,
 };
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
-use aya::programs::{Iter, SkSkb};
-use aya::{Btf, Ebpf, EbpfError, EbpfLoader};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfError, EbpfLoader};
 
 /// The committed object, rebuilt by `cargo xtask build-ebpf`. Embedding it
 /// means a stable `cargo build` never needs the BPF toolchain.
@@ -59,16 +58,9 @@ pub struct Splicer {
     capacity: u32,
     /// Whether the program cuts overlapping skbs (see [`Splicer::trims`]).
     trim: Result<(), String>,
-    leaving: HashMap<MapData, u64, u8>,
-    /// Whether sockets leave `VERDICT` under their lock (the `leave`
-    /// iterator loaded), else why not (see [`Splicer::leaves_locked`]).
-    locked_leave: Result<(), String>,
-    /// Leaves that fell back to a plain map delete (iterator unavailable,
-    /// failed, or did not find the socket).
-    unlocked_leaves: u64,
-    /// Keeps the programs and the verdict's link to `VERDICT` alive.
-    /// Dropping it detaches the program; inserted sockets keep their verdict.
-    ebpf: Ebpf,
+    /// Keeps the program and its link to `VERDICT` alive. Dropping it
+    /// detaches the program; sockets already inserted keep their verdict.
+    _ebpf: Ebpf,
 }
 
 /// One socket of a pair being inserted.
@@ -152,9 +144,6 @@ impl Splicer {
         let ctrl: HashMap<_, u64, DirCtrl> =
             take(&mut ebpf, MAP_CTRL)?.try_into().map_err(fmt_err)?;
         let events: RingBuf<_> = take(&mut ebpf, MAP_EVENTS)?.try_into().map_err(fmt_err)?;
-        let leaving: HashMap<_, u64, u8> =
-            take(&mut ebpf, MAP_LEAVING)?.try_into().map_err(fmt_err)?;
-        let locked_leave = load_leave(&mut ebpf);
         let prog: &mut SkSkb = ebpf
             .program_mut(PROG_VERDICT)
             .ok_or("object has no program verdict")?
@@ -178,27 +167,8 @@ impl Splicer {
             events: Some(events),
             capacity: max_sockets,
             trim,
-            leaving,
-            locked_leave,
-            unlocked_leaves: 0,
-            ebpf,
+            _ebpf: ebpf,
         })
-    }
-
-    /// `Ok` when sockets leave `VERDICT` under their socket lock (the TCP
-    /// iterator program loaded), else why not. Without it a leave is a
-    /// plain map delete, which can lose an skb to a verdict running on
-    /// another CPU; the engine's exact books catch that as a reset.
-    pub fn leaves_locked(&self) -> Result<(), &str> {
-        self.locked_leave
-            .as_ref()
-            .map(|_| ())
-            .map_err(String::as_str)
-    }
-
-    /// Leaves that were plain map deletes so far (see [`Splicer::leave`]).
-    pub fn unlocked_leaves(&self) -> u64 {
-        self.unlocked_leaves
     }
 
     /// The `EVENTS` ring buffer (once): each record is the `u64` cookie of a
@@ -363,7 +333,8 @@ impl Splicer {
                 }
             }
             // Leave: out of VERDICT, lock barrier, out of PEERS.
-            self.leave(&[sa.cookie, sb.cookie]).map_err(io("leave"))?;
+            self.leave(sa.cookie).map_err(io("leave"))?;
+            self.leave(sb.cookie).map_err(io("leave"))?;
             bytes_received(&a).map_err(io("TCP_INFO"))?;
             bytes_received(&b).map_err(io("TCP_INFO"))?;
             self.unlink(sa.cookie).map_err(io("unlink"))?;
@@ -378,85 +349,19 @@ impl Splicer {
         })();
         self.forget(sa.cookie);
         self.forget(sb.cookie);
-        if result.is_ok() && self.locked_leave.is_ok() && self.unlocked_leaves > 0 {
-            // The iterator ran but did not see the sockets (another network
-            // namespace?): it cannot be relied on.
-            self.locked_leave = Err("the TCP iterator did not find the self-test's sockets".into());
-        }
-        self.unlocked_leaves = 0;
         result
     }
 
-    /// Take sockets out of `VERDICT`: no verdict runs for their received
-    /// bytes any more. Each stays in `PEERS` (as the destination of the
-    /// other direction) until [`Splicer::unlink`]; meanwhile its receive
-    /// path is not usable (reads return `EAGAIN` while bytes wait), so a
-    /// connection leaves the maps as a whole.
-    ///
-    /// The removal runs in the `leave` TCP iterator, which the kernel calls
-    /// with each socket locked: packets that arrive meanwhile wait in the
-    /// socket's backlog and are queued, once the lock is released, by the
-    /// plain TCP callbacks. A delete from here would not take the lock, and
-    /// a verdict starting on another CPU at that moment finds no program and
-    /// drops its skb (docs/sockmap.md, "Lost segments"). If the iterator is
-    /// unavailable or misses a socket, the plain delete is the fallback
-    /// (counted in [`Splicer::unlocked_leaves`]).
-    ///
-    /// In three steps, so that the engine runs the middle one (which walks
-    /// every TCP socket of the namespace: milliseconds with thousands)
-    /// off its event loop: [`Splicer::begin_leave`], [`run_leave`],
-    /// [`Splicer::end_leave`]. This is all three at once.
-    pub fn leave(&mut self, cookies: &[u64]) -> io::Result<()> {
-        let ran = self.begin_leave(cookies)?.map(run_leave);
-        self.end_leave(cookies, ran)
-    }
-
-    /// List `cookies` in `LEAVING` and create the iterator that will take
-    /// them out of `VERDICT` when it is read ([`run_leave`]). `None`: no
-    /// iterator here, [`Splicer::end_leave`] deletes them plainly.
-    pub fn begin_leave(&mut self, cookies: &[u64]) -> io::Result<Option<File>> {
-        if self.locked_leave.is_err() {
-            return Ok(None);
+    /// Take a socket out of `VERDICT`: no verdict runs for its received
+    /// bytes any more. It stays in `PEERS` (as the destination of the other
+    /// direction) until [`Splicer::unlink`]; meanwhile its receive path is
+    /// not usable (reads return `EAGAIN` while bytes wait), so a connection
+    /// leaves the maps as a whole.
+    pub fn leave(&mut self, cookie: u64) -> io::Result<()> {
+        match self.verdict.remove(&cookie).map_err(map_io) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
         }
-        for &c in cookies {
-            self.leaving.insert(c, 1, 0).map_err(map_io)?;
-        }
-        match new_iter(&mut self.ebpf) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) => {
-                // Not expected once it loaded: say so, then fall back.
-                tracing::warn!("sockmap: cannot create the leave iterator ({e}); plain map delete");
-                Ok(None)
-            }
-        }
-    }
-
-    /// After [`run_leave`] (its result is `ran`, or `None` if there was no
-    /// iterator): unlist `cookies` and make sure they are out of `VERDICT`.
-    /// `ENOENT` on our own delete proves the iterator removed a socket.
-    pub fn end_leave(&mut self, cookies: &[u64], ran: Option<io::Result<()>>) -> io::Result<()> {
-        for c in cookies {
-            let _ = self.leaving.remove(c);
-        }
-        if let Some(Err(e)) = &ran {
-            tracing::warn!("sockmap: the leave iterator failed ({e}); plain map delete");
-        }
-        for c in cookies {
-            match self.verdict.remove(c).map_err(map_io) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Ok(()) => {
-                    if matches!(ran, Some(Ok(()))) {
-                        tracing::warn!(
-                            cookie = c,
-                            "sockmap: the TCP iterator did not find a leaving socket; plain map delete"
-                        );
-                    }
-                    self.unlocked_leaves += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     /// Take the socket keyed `cookie`'s peer out of `PEERS`. Once both
@@ -492,7 +397,6 @@ impl Splicer {
     /// `VERDICT` entries are removed by the kernel when the socket closes:
     /// never delete those while the peer's psock may still hold bytes.)
     pub fn forget(&mut self, cookie: u64) {
-        let _ = self.leaving.remove(&cookie);
         let _ = self.stats.remove(&cookie);
         let _ = self.ctrl.remove(&cookie);
     }
@@ -536,47 +440,6 @@ fn find_io<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error
         cur = err.source();
     }
     None
-}
-
-/// Load the `leave` TCP iterator (a tracing program: the kernel's BTF must
-/// name `bpf_iter_tcp`, and loading it takes CAP_PERFMON or CAP_SYS_ADMIN).
-/// `Err` says why sockets will leave `VERDICT` without the socket lock.
-fn load_leave(ebpf: &mut Ebpf) -> Result<(), String> {
-    if !perfmon_capable() {
-        return Err("the TCP iterator needs CAP_PERFMON or CAP_SYS_ADMIN at start-up".into());
-    }
-    let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
-    let prog: &mut Iter = ebpf
-        .program_mut(PROG_LEAVE)
-        .ok_or("object has no program leave (stale ambassador.bpf.o?)")?
-        .try_into()
-        .map_err(fmt_err)?;
-    prog.load("tcp", &btf)
-        .map_err(|e| reason("BPF_PROG_LOAD (iter/tcp)", &e))
-}
-
-/// A new iterator from the `leave` program: a link and an iterator file,
-/// which runs the program when it is read ([`run_leave`]). Cheap.
-fn new_iter(ebpf: &mut Ebpf) -> io::Result<File> {
-    let prog: &mut Iter = ebpf
-        .program_mut(PROG_LEAVE)
-        .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| io::Error::other("no leave program"))?;
-    let id = prog.attach().map_err(io::Error::other)?;
-    let link = prog.take_link(id).map_err(io::Error::other)?;
-    link.into_file().map_err(io::Error::other)
-}
-
-/// Read the iterator to the end: the kernel runs the `leave` program over
-/// every TCP socket of this network namespace, each one locked (the
-/// program prints nothing, so the first `read` returns 0). Blocks for as
-/// long as that walk takes; needs nothing but the file, so it may run on
-/// another thread.
-pub fn run_leave(mut iter: File) -> io::Result<()> {
-    use std::io::Read;
-    let mut sink = [0u8; 64];
-    while iter.read(&mut sink)? != 0 {}
-    Ok(())
 }
 
 fn reason_for_load(e: &EbpfError) -> String {

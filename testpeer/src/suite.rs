@@ -441,24 +441,6 @@ pub(crate) fn run_cell(bin: &str, cell: &Cell, load: &Load, ups: [SocketAddr; 3]
     };
     run.drain();
     let lines = run.lines.lock().unwrap().clone();
-    // On every kernel covered, spliced sockets leave `VERDICT` under their
-    // lock (the engine's TCP iterator program), never by the plain map
-    // delete that races with a verdict on another CPU.
-    if engine.as_deref() == Some("sockmap") {
-        let locked = lines
-            .iter()
-            .any(|l| l.contains("leave the kernel under each socket's lock"));
-        let plain = lines.iter().find(|l| l.contains("plain map delete"));
-        let why = match (locked, plain) {
-            (true, None) => String::new(),
-            (_, Some(l)) => clean(&tidy(&strip_ansi(l))),
-            (false, None) => "no start-up line about the leave path".into(),
-        };
-        println!(
-            "KM check cell={c} engine=sockmap check=locked-leave ok={} ms=0 detail={why}",
-            u8::from(why.is_empty())
-        );
-    }
     for l in &lines {
         if l.contains("engine skipped") {
             println!(

@@ -190,14 +190,6 @@ impl Sockmap {
                 tracing::warn!(%reason, "sockmap: skbs that repeat bytes already spliced cannot be cut; such a connection is reset instead")
             }
         }
-        match splicer.leaves_locked() {
-            Ok(()) => tracing::info!(
-                "sockmap: connections leave the kernel under each socket's lock (TCP iterator)"
-            ),
-            Err(reason) => {
-                tracing::warn!(%reason, "sockmap: connections leave the kernel by a plain map delete; an skb lost to that race resets the connection")
-            }
-        }
         let events = splicer
             .take_events()
             .ok_or("EVENTS ring buffer already taken")?;
@@ -243,12 +235,6 @@ impl Sockmap {
     /// Connections so far that left the kernel for the copy loop.
     pub fn demoted(&self) -> u64 {
         self.left.get()
-    }
-
-    /// Sockets so far that left `VERDICT` by a plain map delete, not under
-    /// their lock (see [`bpf::Splicer::leave`]).
-    pub fn unlocked_leaves(&self) -> u64 {
-        self.splicer.borrow().unlocked_leaves()
     }
 
     /// Connections so far reset by the integrity check.

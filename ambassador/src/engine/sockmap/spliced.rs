@@ -152,7 +152,7 @@ impl Spliced<'_> {
             let settled = [self.settled(0, &o[0]), self.settled(1, &o[1])];
             match self.route.decide([&o[0], &o[1]], settled, force || hook) {
                 Move::LeaveVerdict => {
-                    self.leave_verdict().await?;
+                    self.leave_verdict()?;
                     for (r, cookie) in redirected_at_leave.iter_mut().zip(self.cookies) {
                         // After the barrier the program cannot redirect any
                         // more: these counts are final.
@@ -449,10 +449,9 @@ impl Spliced<'_> {
     }
 
     /// Take both sockets out of `VERDICT` (no verdict runs for them any
-    /// more; under each socket's lock, `bpf::Splicer::leave`), then take
-    /// each socket's lock once more: after a plain delete, a verdict still
+    /// more), then take each socket's lock once: a verdict that was still
     /// running in softirq on another CPU has finished when it returns.
-    async fn leave_verdict(&mut self) -> io::Result<()> {
+    fn leave_verdict(&mut self) -> io::Result<()> {
         // Hold the verdicts back first: removing a socket from a sockmap
         // while a verdict runs for it can drop an skb (`bpf::pause_verdict`).
         for d in 0..2 {
@@ -460,40 +459,14 @@ impl Spliced<'_> {
                 bpf::pause_verdict(self.socks[d])?;
             }
         }
-        // Both at once: one run of the kernel's TCP iterator, which takes
-        // each socket out while it holds that socket's lock.
-        let mut leaving = [0u64; 2];
-        let mut n = 0;
         for d in 0..2 {
             if self.in_verdict[d] {
-                leaving[n] = self.cookies[d];
-                n += 1;
+                self.sm.splicer.borrow_mut().leave(self.cookies[d])?;
+                self.in_verdict[d] = false;
             }
         }
-        // The iterator walks every TCP socket of the namespace (about a
-        // microsecond each): on the blocking pool, not on this event loop.
-        let cookies = &leaving[..n];
-        let iter = self.sm.splicer.borrow_mut().begin_leave(cookies)?;
-        let ran = match iter {
-            Some(f) => {
-                let t = std::time::Instant::now();
-                let ran = tokio::task::spawn_blocking(move || bpf::run_leave(f))
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)));
-                tracing::debug!(
-                    id = self.id,
-                    us = t.elapsed().as_micros() as u64,
-                    "leave iterator ran"
-                );
-                Some(ran)
-            }
-            None => None,
-        };
-        self.sm.splicer.borrow_mut().end_leave(cookies, ran)?;
-        self.in_verdict = [false; 2];
         for s in self.socks {
-            // Without the iterator (a plain delete): TCP_INFO takes the
-            // socket lock (lock_sock_fast).
+            // TCP_INFO takes the socket lock (lock_sock_fast).
             bpf::bytes_received(s)?;
         }
         Ok(())

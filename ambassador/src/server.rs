@@ -730,9 +730,10 @@ async fn handle(
     };
     // Boxed: what connecting needs is freed once connected, instead of
     // staying in the connection's task for its whole life.
-    let connected =
-        Box::pin(upstreams.connect_with(id, client_addr, settings.connect_timeout, attempt)).await;
-    let ((upstream, upstream_addr, registration), _lease) = match connected {
+    // (Matched at once: a named result would keep its 120 bytes in the
+    // task for the connection's life.)
+    let connecting = upstreams.connect_with(id, client_addr, settings.connect_timeout, attempt);
+    let ((upstream, upstream_addr, registration), _lease) = match Box::pin(connecting).await {
         Ok(c) => c,
         // The attempt came back to us: already reported as a loop.
         Err(Failure::Looped) => return,

@@ -26,7 +26,9 @@
 //! profile blocks io_uring, and an unprivileged process cannot load BPF.
 
 use super::{Activity, Conn, set_reset_on_close};
+use futures_util::FutureExt;
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::AtomicU64;
@@ -83,8 +85,10 @@ impl Drop for PooledBuf {
 
 /// Move bytes both ways until both directions have seen EOF, an error, or
 /// the idle timeout.
-pub async fn relay(conn: Conn) -> io::Result<()> {
-    relay_until(conn, None).await.map(|_| ())
+pub fn relay(conn: Conn) -> impl Future<Output = io::Result<()>> {
+    // `map`, not an `async fn` around it: that would hold its own copy of
+    // `conn` for the connection's whole life.
+    relay_until(conn, None).map(|r| r.map(|_| ()))
 }
 
 /// When the sockmap engine's adaptive policy wants a connection moved into
@@ -210,25 +214,37 @@ impl Pause {
     /// Wait until `dst` is writable. Waiting calls off a pending pause (the
     /// other direction must keep reading, see [`Pause`]).
     async fn writable(&self, dst: &TcpStream) -> io::Result<()> {
-        let mut ready = std::pin::pin!(dst.writable());
-        let now = std::future::poll_fn(|cx| std::task::Poll::Ready(ready.as_mut().poll(cx))).await;
-        if let std::task::Poll::Ready(r) = now {
-            return r;
+        let mut waited = false;
+        let r = std::future::poll_fn(|cx| {
+            let ready = dst.poll_write_ready(cx);
+            if ready.is_pending() && !waited {
+                waited = true;
+                self.blocked.set(self.blocked.get() + 1);
+                if self.requested.replace(false) {
+                    self.turns.set(0);
+                    self.change.notify_waiters();
+                }
+            }
+            ready
+        })
+        .await;
+        if waited {
+            self.blocked.set(self.blocked.get() - 1);
         }
-        self.blocked.set(self.blocked.get() + 1);
-        if self.requested.replace(false) {
-            self.turns.set(0);
-            self.change.notify_waiters();
-        }
-        let r = ready.await;
-        self.blocked.set(self.blocked.get() - 1);
         r
     }
 }
 
 /// [`relay`], optionally pausing for promotion to the kernel (see
 /// [`Promote`]). Without `promote` it always returns [`Outcome::Done`].
-pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Outcome> {
+///
+/// Not an `async fn`: its future would keep `conn` as it came in next to
+/// the parts taken out of it, 150 bytes per connection for nothing. The
+/// `async` block below captures only the parts.
+pub fn relay_until(
+    conn: Conn,
+    promote: Option<Promote>,
+) -> impl Future<Output = io::Result<Outcome>> {
     let Conn {
         id,
         forward,
@@ -239,77 +255,87 @@ pub async fn relay_until(conn: Conn, promote: Option<Promote>) -> io::Result<Out
         stats,
         settings,
     } = conn;
-    let abort = super::Abort::current();
-    let client = client.into_tokio()?;
-    let upstream = upstream.into_tokio()?;
-    let activity = Activity::new();
-    let pause = Pause::new(promote);
-    let (up, down) = (&stats.bytes_to_upstream, &stats.bytes_to_client);
-    let read = [Cell::new(0u64), Cell::new(0u64)];
-    let both = async {
-        let steps = tokio::try_join!(
-            copy(&client, &upstream, up, &read[0], &activity, &pause, 0),
-            copy(&upstream, &client, down, &read[1], &activity, &pause, 1)
-        )?;
-        // A direction that reached EOF while the other paused cannot be
-        // spliced (a socket that got FIN cannot enter a sockmap): finish
-        // the other one here.
-        let full = [pause.full[0].get(), pause.full[1].get()];
-        // No promotion from here on, and no pending request either: the
-        // other direction must run to its EOF.
-        let no_pause = Pause::new(None);
-        no_pause.eofs.set(pause.eofs.get());
-        match steps {
-            (Step::Paused, Step::Paused) => {
-                return Ok(Some(full));
+    async move {
+        let abort = super::Abort::current();
+        let client = client.into_tokio()?;
+        let upstream = upstream.into_tokio()?;
+        let activity = Activity::new();
+        let pause = Pause::new(promote);
+        let (up, down) = (&stats.bytes_to_upstream, &stats.bytes_to_client);
+        let read = [Cell::new(0u64), Cell::new(0u64)];
+        let both = async {
+            let steps = tokio::try_join!(
+                copy(&client, &upstream, up, &read[0], &activity, &pause, 0),
+                copy(&upstream, &client, down, &read[1], &activity, &pause, 1)
+            )?;
+            // A direction that reached EOF while the other paused cannot be
+            // spliced (a socket that got FIN cannot enter a sockmap): finish
+            // the other one here.
+            let full = [pause.full[0].get(), pause.full[1].get()];
+            // No promotion from here on, and no pending request either: the
+            // other direction must run to its EOF.
+            let no_pause = Pause::new(None);
+            no_pause.eofs.set(pause.eofs.get());
+            match steps {
+                (Step::Paused, Step::Paused) => {
+                    return Ok(Some(full));
+                }
+                (Step::Paused, Step::Eof) => {
+                    copy(&client, &upstream, up, &read[0], &activity, &no_pause, 0).await?;
+                }
+                (Step::Eof, Step::Paused) => {
+                    copy(&upstream, &client, down, &read[1], &activity, &no_pause, 1).await?;
+                }
+                (Step::Eof, Step::Eof) => {}
             }
-            (Step::Paused, Step::Eof) => {
-                copy(&client, &upstream, up, &read[0], &activity, &no_pause, 0).await?;
+            Ok::<Option<[bool; 2]>, io::Error>(None)
+        };
+        let result = tokio::select! {
+            r = both => r,
+            () = activity.idle(settings.idle_timeout) => {
+                tracing::debug!(id, client = %client_addr, "idle timeout");
+                Ok(None)
             }
-            (Step::Eof, Step::Paused) => {
-                copy(&upstream, &client, down, &read[1], &activity, &no_pause, 1).await?;
+            () = abort.raised() => {
+                tracing::debug!(id, client = %client_addr, "aborted: resetting both sides");
+                set_reset_on_close(&client);
+                set_reset_on_close(&upstream);
+                Ok(None)
             }
-            (Step::Eof, Step::Eof) => {}
-        }
-        Ok::<Option<[bool; 2]>, io::Error>(None)
-    };
-    let result = tokio::select! {
-        r = both => r,
-        () = activity.idle(settings.idle_timeout) => {
-            tracing::debug!(id, client = %client_addr, "idle timeout");
-            Ok(None)
-        }
-        () = abort.raised() => {
-            tracing::debug!(id, client = %client_addr, "aborted: resetting both sides");
-            set_reset_on_close(&client);
-            set_reset_on_close(&upstream);
-            Ok(None)
-        }
-    };
-    match result {
-        Ok(Some(full)) => Ok(Outcome::Paused(
-            Conn {
-                id,
-                forward,
-                // Still registered: an engine that needs them plain
-                // (sockmap) takes them off the reactor itself.
-                client: client.into(),
-                upstream: upstream.into(),
-                client_addr,
-                upstream_addr,
-                stats,
-                settings,
-            },
-            [read[0].get(), read[1].get()],
-            full,
-        )),
-        Ok(None) => Ok(Outcome::Done),
-        Err(e) => {
-            set_reset_on_close(&client);
-            set_reset_on_close(&upstream);
-            Err(e)
+        };
+        match result {
+            Ok(Some(full)) => Ok(Outcome::Paused(
+                Conn {
+                    id,
+                    forward,
+                    // Still registered: an engine that needs them plain
+                    // (sockmap) takes them off the reactor itself.
+                    client: client.into(),
+                    upstream: upstream.into(),
+                    client_addr,
+                    upstream_addr,
+                    stats,
+                    settings,
+                },
+                [read[0].get(), read[1].get()],
+                full,
+            )),
+            Ok(None) => Ok(Outcome::Done),
+            Err(e) => {
+                set_reset_on_close(&client);
+                set_reset_on_close(&upstream);
+                Err(e)
+            }
         }
     }
+}
+
+/// Wait until `src` is readable. Unlike `TcpStream::readable`, whose
+/// future holds a waiter of its own (64 bytes, in every connection's state
+/// for its whole life), this uses the socket's one reader slot in tokio's
+/// registration: the direction that reads `src` is its only reader.
+fn readable(src: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
+    std::future::poll_fn(|cx| src.poll_read_ready(cx))
 }
 
 /// Read from `src`; a short read also clears its readiness (see the
@@ -345,7 +371,7 @@ async fn copy(
             return Ok(Step::Paused);
         }
         tokio::select! {
-            r = src.readable() => r?,
+            r = readable(src) => r?,
             () = pause.change.notified(), if pause.promote.is_some() => continue,
         }
         let mut buf = PooledBuf::take();

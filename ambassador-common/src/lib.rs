@@ -72,11 +72,14 @@ pub struct DirStats {
     pub trimmed_segs: u64,
     /// skbs whose sequence numbers did not follow the previous one (a gap,
     /// an overlap larger than the cut can take, or an skb entirely old).
-    /// The program hands such an skb on unchanged; the engine treats any
-    /// anomaly as a broken stream and resets the connection.
+    /// The program drops such an skb (none of its bytes reach the peer);
+    /// the engine treats any anomaly as a broken stream and resets the
+    /// connection.
     pub seq_anomalies: u64,
     /// `TCP_SKB_CB(skb)->end_seq` of the last skb seen: where the next one
-    /// must start. Meaningful while `seq_state == SEQ_TRACKING`.
+    /// must start. Meaningful while `seq_state == SEQ_TRACKING`; once
+    /// `SEQ_UNAVAILABLE` because an skb's length did not match its sequence
+    /// span, that length minus the span.
     pub next_seq: u32,
     /// [`SEQ_UNKNOWN`], [`SEQ_TRACKING`] or [`SEQ_UNAVAILABLE`].
     pub seq_state: u32,

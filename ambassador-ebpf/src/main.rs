@@ -23,9 +23,13 @@
 //! Before 3 and 4, an skb that starts before the end of the previous one
 //! (a partly old retransmission TCP queued whole: `tcp_read_skb` hands skbs
 //! over without skipping what was already consumed) is cut down to its new
-//! bytes, so they are never handed on twice. The cut happens last, after the
-//! verdict is decided, because each exit of the bounded cut loop makes the
-//! verifier walk whatever follows it. See docs/sockmap.md, "Overlapping skbs".
+//! bytes, so they are never handed on twice. The first skb after the insert
+//! is measured against the socket's `copied_seq` (where userspace stopped
+//! reading), every later one against the end of the one before. An skb that
+//! cannot be mended that way is dropped and counted (the engine resets the
+//! connection). The cut happens last, after the verdict is decided, because
+//! each exit of the bounded cut loop makes the verifier walk whatever follows
+//! it. See docs/sockmap.md, "Overlapping skbs".
 #![no_std]
 #![no_main]
 
@@ -53,11 +57,24 @@ const NO_PREALLOC: u32 = 1;
 #[unsafe(no_mangle)]
 static TRIM: u8 = 0;
 
+/// Where `struct sock *sk` sits in `struct sk_buff`, and `copied_seq` in
+/// `struct tcp_sock`, from the running kernel's BTF (set by the loader; 0:
+/// unknown). With them the first skb after the insert is judged against the
+/// socket's own `copied_seq` (where its unread bytes start; `tcp_eat_skb`
+/// moves it only after the verdict), not trusted.
+#[unsafe(no_mangle)]
+static SKB_SK: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_COPIED_SEQ: u32 = 0;
+
 /// Offset of `cb` in `struct sk_buff` on 64-bit kernels (next, prev,
 /// dev = 24; sk = 8; tstamp = 8) since 4.x; `TCP_SKB_CB(skb)->seq` and
 /// `end_seq` are its first two `u32`. Checked on every skb: `end_seq - seq`
 /// must be the skb's length (+1 with a FIN), or the socket stops trimming.
 const SKB_CB: usize = 40;
+/// What `overlap()` returns for an skb that neither follows on nor can be
+/// cut into shape (never a real cut: those are at most 393,120 bytes).
+const ANOMALY: u32 = u32::MAX;
 /// `bpf_skb_adjust_room` removes at most 4,095 bytes a call.
 const CUT_STEP: u32 = 4095;
 /// Calls per skb: 96 x 4,095 = 393,120 bytes. A spurious loss probe resends
@@ -108,6 +125,11 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
     } else {
         0
     };
+    if cut == ANOMALY {
+        // Bytes that may repeat (or skip) what was handed on: hand on none
+        // of them. The count resets the connection.
+        return SK_DROP;
+    }
     let keep = u64::from(len - cut);
     let action = decide(&ctx, stats, &mut cookie, keep);
     if cut == 0 {
@@ -161,8 +183,10 @@ fn decide(ctx: &SkBuffContext, stats: &mut DirStats, cookie: &mut u64, keep: u64
 }
 
 /// How many bytes at the head of this skb were already handed on: the
-/// distance from its `seq` back to where the previous skb ended. Keeps
-/// `next_seq` up to date. 0 when nothing overlaps or it cannot tell.
+/// distance from its `seq` back to where the previous skb ended (or, for
+/// the first skb after the insert, to the socket's `copied_seq`). Keeps
+/// `next_seq` up to date. 0 when nothing overlaps or it cannot tell;
+/// [`ANOMALY`] when the skb does not follow on in a way a cut can mend.
 fn overlap(ctx: &SkBuffContext, stats: &mut DirStats, len: u32) -> u32 {
     if stats.seq_state == SEQ_UNAVAILABLE {
         return 0;
@@ -177,26 +201,59 @@ fn overlap(ctx: &SkBuffContext, stats: &mut DirStats, len: u32) -> u32 {
     let span = end_seq.wrapping_sub(seq);
     if span != len && span != len + 1 {
         stats.seq_state = SEQ_UNAVAILABLE;
+        // For the engine's error line: by how much they differed.
+        stats.next_seq = len.wrapping_sub(span);
         return 0;
     }
     let tracking = stats.seq_state == SEQ_TRACKING;
-    let expected = stats.next_seq;
+    let expected = if tracking {
+        stats.next_seq
+    } else {
+        match copied_seq(ctx) {
+            Some(c) => c,
+            None => {
+                stats.next_seq = end_seq;
+                stats.seq_state = SEQ_TRACKING;
+                return 0;
+            }
+        }
+    };
     stats.next_seq = end_seq;
     stats.seq_state = SEQ_TRACKING;
-    if !tracking {
-        return 0;
-    }
     let behind = expected.wrapping_sub(seq);
     if behind == 0 {
         return 0;
     }
     // Ahead of `expected` (a gap, "negative" in sequence space), entirely
-    // old, or more than the cut can take: hand it on unchanged and flag it.
+    // old, or more than the cut can take: flag it, and it is dropped.
     if behind > u32::MAX / 2 || behind >= len || behind > CUT_STEP * CUT_CALLS {
         stats.seq_anomalies += 1;
-        return 0;
+        return ANOMALY;
     }
     behind
+}
+
+/// The socket's `copied_seq`, if the loader found where to read it.
+fn copied_seq(ctx: &SkBuffContext) -> Option<u32> {
+    // Safety: volatile reads of our own read-only globals.
+    let (sk_off, seq_off) = unsafe {
+        (
+            core::ptr::read_volatile(&SKB_SK),
+            core::ptr::read_volatile(&TCP_COPIED_SEQ),
+        )
+    };
+    if sk_off == 0 || seq_off == 0 {
+        return None;
+    }
+    let skp = (ctx.as_ptr() as *const u8).wrapping_add(sk_off as usize) as *const u64;
+    // Safety: probe reads of kernel memory; a failed read is an error
+    // value, never a fault.
+    let sk = unsafe { bpf_probe_read_kernel(skp) }.ok()?;
+    if sk == 0 {
+        return None;
+    }
+    let seqp = (sk as usize).wrapping_add(seq_off as usize) as *const u32;
+    unsafe { bpf_probe_read_kernel(seqp) }.ok()
 }
 
 /// Remove `cut` bytes (at most `CUT_STEP * CUT_CALLS`) from the head.

@@ -26,6 +26,8 @@ use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
+mod btf;
+
 /// The committed object, rebuilt by `cargo xtask build-ebpf`. Embedding it
 /// means a stable `cargo build` never needs the BPF toolchain.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/ambassador.bpf.o");
@@ -58,6 +60,11 @@ pub struct Splicer {
     capacity: u32,
     /// Whether the program cuts overlapping skbs (see [`Splicer::trims`]).
     trim: Result<(), String>,
+    /// Whether it judges the first skb after an insert too (see
+    /// [`Splicer::judges_first_skb`]).
+    first_skb: Result<(), String>,
+    /// Whether the program was loaded reading `copied_seq`.
+    judging_first: bool,
     /// Keeps the program and its link to `VERDICT` alive. Dropping it
     /// detaches the program; sockets already inserted keep their verdict.
     _ebpf: Ebpf,
@@ -104,17 +111,29 @@ impl std::error::Error for InsertError {}
 pub fn probe(max_sockets: u32) -> Result<Splicer, String> {
     let release = kernel_release();
     check_kernel(&release)?;
-    let mut splicer = Splicer::load(max_sockets)?;
-    splicer
-        .self_test()
-        .map_err(|e| format!("kernel {release}: sockmap self-test failed: {e}"))?;
+    let failed = |e| format!("kernel {release}: sockmap self-test failed: {e}");
+    let mut splicer = Splicer::load(max_sockets, true, None)?;
+    splicer.self_test().map_err(failed)?;
+    if let Err(why) = splicer.first_skb.clone()
+        && splicer.judging_first
+    {
+        // The read of `copied_seq` is wrong here: load again without it, so
+        // the program trusts the first skb (as it would without BTF).
+        drop(splicer);
+        splicer = Splicer::load(max_sockets, false, None)?;
+        splicer.self_test().map_err(failed)?;
+        splicer.first_skb = Err(why);
+    }
     Ok(splicer)
 }
 
 impl Splicer {
     /// Load the embedded object, create the maps (`max_sockets` entries
-    /// each), load the verdict program and attach it to `VERDICT`.
-    pub fn load(max_sockets: u32) -> Result<Self, String> {
+    /// each), load the verdict program and attach it to `VERDICT`. With
+    /// `judge_first`, the program also reads the socket's `copied_seq` at
+    /// the first skb after an insert, at offsets from the kernel's BTF (or
+    /// at `at`: a test's wrong ones).
+    fn load(max_sockets: u32, judge_first: bool, at: Option<(u32, u32)>) -> Result<Self, String> {
         // Cutting overlapping skbs reads the skb's sequence numbers with
         // `bpf_probe_read_kernel`, which the verifier allows only with
         // CAP_PERFMON (or CAP_SYS_ADMIN). Without it the program is loaded
@@ -124,8 +143,28 @@ impl Splicer {
         } else {
             Err("needs CAP_PERFMON or CAP_SYS_ADMIN at start-up".to_string())
         };
+        // Where the program finds a socket's `copied_seq`, so that it judges
+        // the first skb after an insert too (0: it trusts that one).
+        let offsets = match &trim {
+            Err(why) => Err(why.clone()),
+            Ok(()) => at
+                .or_else(|| {
+                    btf::offset_of("sk_buff", "sk").zip(btf::offset_of("tcp_sock", "copied_seq"))
+                })
+                .ok_or_else(|| {
+                    "no sk_buff.sk or tcp_sock.copied_seq in /sys/kernel/btf/vmlinux".to_string()
+                }),
+        };
+        let judging_first = judge_first && offsets.is_ok();
+        let (skb_sk, copied) = match offsets {
+            Ok(o) if judge_first => o,
+            _ => (0, 0),
+        };
+        let first_skb = offsets.map(|_| ());
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_TRIM, &u8::from(trim.is_ok()), true)
+            .override_global("SKB_SK", &skb_sk, true)
+            .override_global("TCP_COPIED_SEQ", &copied, true)
             .map_max_entries(MAP_PEERS, max_sockets)
             .map_max_entries(MAP_VERDICT, max_sockets)
             .map_max_entries(MAP_STATS, max_sockets)
@@ -167,6 +206,8 @@ impl Splicer {
             events: Some(events),
             capacity: max_sockets,
             trim,
+            first_skb,
+            judging_first,
             _ebpf: ebpf,
         })
     }
@@ -187,6 +228,16 @@ impl Splicer {
     /// is still caught by the engine's conservation check (a reset).
     pub fn trims(&self) -> Result<(), &str> {
         self.trim.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// `Ok` when the program also judges the first skb after an insert
+    /// against the socket's `copied_seq` (proved by the self-test), so bytes
+    /// userspace read from it before the insert are cut, else why not.
+    /// Without it such a repeat is caught by the engine's conservation
+    /// check (a reset), after the bytes reached the peer.
+    pub fn judges_first_skb(&self) -> Result<(), &str> {
+        self.trims()?;
+        self.first_skb.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
     /// Splice `a` and `b`: counters and budget first, then `PEERS` (both
@@ -251,7 +302,9 @@ impl Splicer {
     /// splices the way the engine relies on, instead of trusting a version
     /// number:
     /// 1. a byte queued before the insert is forwarded after the kick (the
-    ///    6.4 fix "bpf, sockmap: TCP data stall on recv before accept");
+    ///    6.4 fix "bpf, sockmap: TCP data stall on recv before accept"),
+    ///    and, when the program reads `copied_seq`, the byte userspace read
+    ///    from the same skb before the insert is cut, not forwarded again;
     /// 2. after a FIN on one side (a zero-length skb the program drops) the
     ///    peer socket carries no error and the other direction still flows;
     /// 3. a pair that leaves the maps is a pair of plain, readable TCP
@@ -274,9 +327,17 @@ impl Splicer {
             s.set_read_timeout(Some(Duration::from_secs(3)))
                 .map_err(io("timeout"))?;
         }
-        app.write_all(b"k").map_err(io("write"))?;
+        // Reading `copied_seq` on: one skb "xk" whose "x" userspace reads
+        // before the insert, so the program must cut it.
+        let first = self.judging_first;
+        app.write_all(if first { b"xk" } else { b"k" })
+            .map_err(io("write"))?;
         if !wait_for(&a, libc::POLLIN) {
             return Err("a byte written on loopback never arrived".into());
+        }
+        if first {
+            let mut x = [0u8; 1];
+            a.read_exact(&mut x).map_err(io("read"))?;
         }
         let sa = Sock {
             fd: a.as_raw_fd(),
@@ -294,6 +355,21 @@ impl Splicer {
             }
             kick_verdict(&a).map_err(io("kick"))?;
             kick_verdict(&b).map_err(io("kick"))?;
+            if first {
+                // The kick ran the verdict under the socket lock: its
+                // counters are final.
+                let st = self.stats(sa.cookie).map_err(io("STATS"))?;
+                if st.trimmed_bytes != 1 || st.seq_anomalies != 0 {
+                    self.first_skb = Err(format!(
+                        "the byte read before the insert was not cut ({} cut, {} anomalies): \
+                         tcp_sock.copied_seq misread from the kernel's BTF?",
+                        st.trimmed_bytes, st.seq_anomalies
+                    ));
+                    // `probe` loads the program again without the read and
+                    // runs the whole test on that.
+                    return Ok(());
+                }
+            }
             let mut got = [0u8; 1];
             if db.read_exact(&mut got).is_err() || &got != b"k" {
                 return Err(
@@ -764,5 +840,35 @@ mod tests {
         );
         assert!(kernel_at_least("6.12.117+deb12-amd64", (6, 10)));
         assert!(!kernel_at_least("6.1.0-56-amd64", (6, 10)));
+    }
+
+    /// The self-test proves the `copied_seq` read, so a wrong offset turns
+    /// the first-skb judgement off instead of cutting at a wrong place.
+    #[test]
+    fn a_wrong_copied_seq_offset_fails_the_self_test() {
+        if !has_bpf_caps() || !perfmon_capable() {
+            eprintln!("skipped: needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON");
+            return;
+        }
+        let (Some(sk), Some(copied)) = (
+            btf::offset_of("sk_buff", "sk"),
+            btf::offset_of("tcp_sock", "copied_seq"),
+        ) else {
+            eprintln!("skipped: no kernel BTF");
+            return;
+        };
+        let mut right = Splicer::load(8, true, Some((sk, copied))).unwrap();
+        right.self_test().unwrap();
+        assert_eq!(right.judges_first_skb(), Ok(()));
+        drop(right);
+        // The next member (`rcv_wup` or whatever this kernel has there)
+        // never holds where the unread bytes start.
+        let mut wrong = Splicer::load(8, true, Some((sk, copied + 4))).unwrap();
+        wrong.self_test().unwrap();
+        let why = wrong.judges_first_skb().unwrap_err();
+        assert!(why.contains("not cut"), "{why}");
+        // What the engine gets: the program loaded again, trusting it.
+        let p = probe(8).unwrap();
+        assert_eq!(p.judges_first_skb(), Ok(()));
     }
 }

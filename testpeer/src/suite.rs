@@ -370,6 +370,9 @@ fn check_bulk_rounds(a: SocketAddr, bytes: usize, rounds: usize) -> Res<()> {
     Ok(())
 }
 
+/// Whether this guest's first-skb row was printed.
+static FIRST_SKB_SHOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub(crate) fn run_cell(bin: &str, cell: &Cell, load: &Load, ups: [SocketAddr; 3]) -> Res<()> {
     let (bytes, storm, rounds) = (load.bytes, load.storm, load.bulk_rounds);
     let t0 = Instant::now();
@@ -447,6 +450,22 @@ pub(crate) fn run_cell(bin: &str, cell: &Cell, load: &Load, ups: [SocketAddr; 3]
                 "KM skipped cell={c} engine={} reason={}",
                 field(l, "engine").unwrap_or_default(),
                 clean(&field(l, "reason").unwrap_or_default())
+            );
+        }
+        // The start-up self-test's verdict on the first skb after an insert
+        // (one row per kernel, from the first sockmap cell).
+        let judged = l.contains("are cut from the first skb after it");
+        if (judged || l.contains("first skb after a promotion cannot be judged"))
+            && !FIRST_SKB_SHOWN.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            println!(
+                "KM sockmapfix name=first_skb_cut result={} detail={}",
+                if judged { "yes" } else { "no" },
+                if judged {
+                    "the self-test's byte read before the insert was cut".to_string()
+                } else {
+                    clean(&field(l, "reason").unwrap_or_default())
+                }
             );
         }
         if l.contains("engine chosen") {

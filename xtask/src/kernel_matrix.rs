@@ -365,6 +365,9 @@ fn render_docs(runs: &[report::KernelRun], table: &str, fixes: &str) -> String {
          - `ingress_fionread`: FIONREAD counts bytes redirected into a socket's ingress queue\n\
          (\"bpf, sockmap: Fix FIONREAD for sockmap\", Jan 2026). Our engine never redirects to\n\
          ingress, so this only tells kernels apart.\n\
+         - `first_skb_cut` (from the engine's start-up self-test, not the probe): the program reads\n\
+         the socket's `copied_seq` (offsets from the kernel's BTF) and cuts a byte userspace read from\n\
+         the first skb before the insert (docs/sockmap.md, \"The first skb after an insert\").\n\
          - `sk_skb_load_eagain_after_ring_close`: how often (of 20) `BPF_PROG_LOAD` failed with EAGAIN\n\
          right after the process closed an io_uring instance.\n\n",
     );

@@ -191,6 +191,16 @@ impl Sockmap {
                 tracing::warn!(%reason, "sockmap: skbs that repeat bytes already spliced cannot be cut; such a connection is reset instead")
             }
         }
+        if splicer.trims().is_ok() {
+            match splicer.judges_first_skb() {
+                Ok(()) => tracing::info!(
+                    "sockmap: bytes read before a promotion are cut from the first skb after it (copied_seq from the kernel's BTF)"
+                ),
+                Err(reason) => {
+                    tracing::warn!(%reason, "sockmap: the first skb after a promotion cannot be judged; bytes it repeats are caught by the books, and the connection is reset")
+                }
+            }
+        }
         let events = splicer
             .take_events()
             .ok_or("EVENTS ring buffer already taken")?;
@@ -337,22 +347,23 @@ pub fn splice(
         let socks = [client, upstream];
         let mut cookies = [0u64; 2];
         let mut queued = [0u64; 2];
+        let mut received = [(0u64, 0u64); 2];
         for i in 0..2 {
             cookies[i] = bpf::socket_cookie(socks[i])?;
             // Baseline for the drain checks, taken before anything can be
             // redirected into the socket.
             queued[i] = bpf::queued_total(socks[i])?;
+            // (Only worth two more system calls where userspace read first.)
+            if sm.policy == SplicePolicy::Adaptive {
+                received[i] = (bpf::bytes_received(socks[i])?, bpf::inq(socks[i])?);
+            }
         }
-        let base = [
-            Base {
-                pre_read: pre_read[0],
-                dst_queued: queued[1],
-            },
-            Base {
-                pre_read: pre_read[1],
-                dst_queued: queued[0],
-            },
-        ];
+        let base = [0, 1].map(|d| Base {
+            pre_read: pre_read[d],
+            dst_queued: queued[1 - d],
+            src_received: received[d].0,
+            src_unread: received[d].1,
+        });
         let token = sm.next_token.get();
         sm.next_token.set(token + 1);
         let fds = [conn.client.as_raw_fd(), conn.upstream.as_raw_fd()];
@@ -464,6 +475,9 @@ pub fn splice(
                     client = %conn.client_addr,
                     upstream = %conn.upstream_addr,
                     half = HALF_NAMES[d],
+                    pre_read = base[d].pre_read,
+                    received_at_insert = base[d].src_received,
+                    unread_at_insert = base[d].src_unread,
                     "integrity check failed, resetting both sides: {e}"
                 );
                 Err(io::Error::other(format!(

@@ -86,6 +86,11 @@ pub struct Observed {
     /// Bytes `dst` took into its send queue since the insert
     /// (`tcpi_bytes_acked + SIOCOUTQ` delta; can only under-count).
     pub dst_taken: u64,
+    /// For the error's numbers only: bytes the program cut and its
+    /// `seq_state` (2: it stopped judging skbs on this socket).
+    pub trimmed: u64,
+    pub seq_state: u32,
+    pub next_seq: u32,
 }
 
 impl Observed {
@@ -108,8 +113,18 @@ impl fmt::Display for Integrity {
         let o = &self.observed;
         write!(
             f,
-            "{}: received={} redirected={} passed={} misses={} seq_anomalies={} dst_taken={}",
-            self.what, o.received, o.redirected, o.passed, o.misses, o.seq_anomalies, o.dst_taken
+            "{}: received={} redirected={} passed={} misses={} seq_anomalies={} dst_taken={} \
+             trimmed={} seq_state={} next_seq={}",
+            self.what,
+            o.received,
+            o.redirected,
+            o.passed,
+            o.misses,
+            o.seq_anomalies,
+            o.dst_taken,
+            o.trimmed,
+            o.seq_state,
+            o.next_seq
         )
     }
 }
@@ -352,6 +367,7 @@ mod tests {
             seq_anomalies: 0,
             received,
             dst_taken,
+            ..Observed::default()
         }
     }
 

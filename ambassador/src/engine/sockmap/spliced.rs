@@ -36,6 +36,11 @@ pub struct Base {
     pub pre_read: u64,
     /// `queued_total(dst)` before the insert.
     pub dst_queued: u64,
+    /// `tcpi_bytes_received` and unread bytes (`SIOCINQ`) of `src` just
+    /// before the insert: for the integrity error's numbers (received less
+    /// unread is what userspace read, which must be `pre_read`).
+    pub src_received: u64,
+    pub src_unread: u64,
 }
 
 pub struct Spliced<'a> {
@@ -386,6 +391,9 @@ impl Spliced<'_> {
             seq_anomalies: st.seq_anomalies,
             received,
             dst_taken,
+            trimmed: st.trimmed_bytes,
+            seq_state: st.seq_state,
+            next_seq: st.next_seq,
         })
     }
 

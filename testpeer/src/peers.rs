@@ -107,8 +107,14 @@ pub(crate) fn check_bulk(a: SocketAddr, n: usize) -> Res<()> {
     let mut r = s;
     let v = verify_stream(&mut r, 0xB01C, n);
     let wr = writer.join().map_err(|_| "writer panicked".to_string())?;
+    // The reader's verdict first: whether a wrong byte arrived before a reset.
+    if let Err(e) = v {
+        return Err(match wr {
+            Err(w) => format!("{e}; write: {w}"),
+            Ok(()) => e,
+        });
+    }
     ctx(wr, "write")?;
-    v?;
     let _ = r.shutdown(Shutdown::Write);
     match read_to_eof(&mut r) {
         Ok(0) => {}

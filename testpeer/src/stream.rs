@@ -26,7 +26,13 @@ pub(crate) fn verify_stream(r: &mut impl Read, seed: u64, n: usize) -> Res<()> {
                 Ok(0) => return Err(format!("EOF after {} of {n} bytes", off + have)),
                 Ok(m) => have += m,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("read after {} of {n} bytes: {e}", off + have)),
+                Err(e) => {
+                    // Judge what did arrive first: a reset after a wrong byte must say so.
+                    if let Some(i) = (0..have).find(|&i| want[i] != got[i]) {
+                        return Err(format!("byte {} differs (then read: {e})", off + i));
+                    }
+                    return Err(format!("read after {} of {n} bytes: {e}", off + have));
+                }
             }
         }
         if let Some(i) = (0..k).find(|&i| want[i] != got[i]) {

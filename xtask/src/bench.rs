@@ -127,7 +127,9 @@ pub fn run(a: Args) -> Result<()> {
 /// the row and figure, when one is missing without a reason.
 pub fn smoke() -> Result<()> {
     let bin = prepare()?;
-    let out = std::env::temp_dir().join("ambassador-bench-smoke");
+    // Inside this checkout's target dir: two checkouts on one machine (two CI
+    // runs at once) must not remove each other's output.
+    let out = crate::util::root().join("target/bench-smoke");
     let _ = std::fs::remove_dir_all(&out);
     harness(
         &bin,
